@@ -1,0 +1,62 @@
+//! A running loop: its cancellation token and its task.
+//!
+//! Every service loop is a `select!` between its work and `token.cancelled()`. Stopping
+//! cancels the token (the loop leaves at its next await point) and aborts the task, because
+//! the loop may be parked on something that never finishes, such as a JavaScript promise
+//! that never settles: `stop()` must not wait for it.
+
+use std::future::Future;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug)]
+pub struct RunningTask {
+    token: CancellationToken,
+    handle: JoinHandle<()>,
+}
+
+impl RunningTask {
+    /// Spawns `body(token)` on the current tokio runtime.
+    pub fn spawn<F, Fut>(body: F) -> Self
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(body(token.clone()));
+        Self { token, handle }
+    }
+
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// Cancels and aborts; returns at once.
+    pub fn stop(self) {
+        self.token.cancel();
+        self.handle.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn stop_ends_a_loop_parked_forever() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = RunningTask::spawn(|_token| async move {
+            let _guard = tx; // dropped when the task is dropped
+            std::future::pending::<()>().await;
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        task.stop();
+        assert!(rx.await.is_err(), "the aborted task dropped its state");
+    }
+}
