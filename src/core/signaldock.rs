@@ -1,0 +1,516 @@
+//! The SignalDock REST client: one place for auth headers, timeouts, encoded URLs, the
+//! answer envelope, 401 retry with the other key, `Retry-After`, and base-URL failover.
+//!
+//! Every request carries `Authorization: Bearer <key>`, `X-Agent-Id` and
+//! `Content-Type: application/json`. The key only ever goes in that header: never in a URL,
+//! a log line or an error. Path segments (agent ids, conversation ids) are percent-encoded
+//! one by one, so `a/b`, `..`, `?`, `#`, `%` and spaces stay inside their segment.
+//!
+//! Failover: with a fallback base URL, a request that cannot reach the active base
+//! (network error or timeout) is retried once on the other, which becomes the active base
+//! when it answers. [`SignalDock::choose_base`] probes `GET /health` on both at connect.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode, Url, header};
+use serde_json::{Value, json};
+
+use super::backoff;
+use super::credentials::{ApiKey, Credentials};
+use super::error::{Error, Result};
+
+/// The request timeout WIRE.md gives the old client; ours too.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest answer body read; past it the answer is a decode error, not an allocation.
+pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+/// The longest `Retry-After` honoured.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// One HTTP client (connection pool, TLS config) for the whole process: a thousand runtimes
+/// share it instead of a thousand pools.
+pub fn shared_http_client() -> reqwest::Client {
+    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            reqwest::Client::builder()
+                .user_agent(concat!("cleo-runtime/", env!("CARGO_PKG_VERSION")))
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build()
+                .expect("the HTTP client builds with static settings")
+        })
+        .clone()
+}
+
+/// Parses a base URL, refusing what could never work.
+pub fn parse_base_url(text: &str) -> Result<Url> {
+    let url = Url::parse(text.trim())
+        .map_err(|e| Error::Config(format!("{text:?} is not a URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(Error::Config(format!("{text:?} is not an http(s) URL")));
+    }
+    warn_if_cleartext(&url);
+    Ok(url)
+}
+
+fn warn_if_cleartext(url: &Url) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    let loopback = match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        None => true,
+    };
+    if url.scheme() == "http" && !loopback && !WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            host = url.host_str().unwrap_or(""),
+            "SignalDock base URL uses plain http to a non-loopback host: the API key travels unencrypted"
+        );
+    }
+}
+
+/// `base` with `segments` appended, each percent-encoded as one path segment.
+///
+/// A segment that is exactly `.` or `..` cannot be sent at all: URL normalisation (WHATWG,
+/// which every HTTP stack follows) resolves it, even percent-encoded, and the request would
+/// leave its segment. Such an id is refused rather than sent somewhere else.
+pub fn endpoint(base: &Url, segments: &[&str], query: &[(&str, &str)]) -> Result<Url> {
+    if let Some(bad) = segments.iter().find(|s| matches!(**s, "." | "..")) {
+        return Err(Error::Config(format!(
+            "{bad:?} cannot be used as an id in a URL path"
+        )));
+    }
+    let mut url = base.clone();
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.pop_if_empty().extend(segments);
+    }
+    if !query.is_empty() {
+        url.query_pairs_mut().extend_pairs(query);
+    }
+    Ok(url)
+}
+
+/// A SignalDock REST client for one agent.
+pub struct SignalDock {
+    http: reqwest::Client,
+    credentials: Arc<Credentials>,
+    bases: Vec<Url>,
+    active: AtomicUsize,
+    timeout: Duration,
+}
+
+impl SignalDock {
+    pub fn new(credentials: Arc<Credentials>, base: &str, fallback: Option<&str>) -> Result<Self> {
+        let mut bases = vec![parse_base_url(base)?];
+        if let Some(fallback) = fallback.filter(|f| !f.trim().is_empty()) {
+            bases.push(parse_base_url(fallback)?);
+        }
+        Ok(Self {
+            http: shared_http_client(),
+            credentials,
+            bases,
+            active: AtomicUsize::new(0),
+            timeout: REQUEST_TIMEOUT,
+        })
+    }
+
+    /// Sets the per-request timeout (tests shorten it).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn credentials(&self) -> &Arc<Credentials> {
+        &self.credentials
+    }
+
+    /// The base URL requests go to now.
+    pub fn active_base(&self) -> &Url {
+        &self.bases[self.active.load(Ordering::Relaxed) % self.bases.len()]
+    }
+
+    /// At connect: with a fallback, probe `/health` on both and prefer the primary when it
+    /// is up, else the fallback when that is up.
+    pub async fn choose_base(&self) {
+        if self.bases.len() < 2 {
+            return;
+        }
+        let (primary, fallback) =
+            tokio::join!(self.healthy(&self.bases[0]), self.healthy(&self.bases[1]));
+        let choice = if !primary && fallback { 1 } else { 0 };
+        self.active.store(choice, Ordering::Relaxed);
+        tracing::debug!(primary, fallback, base = %self.bases[choice], "chose SignalDock base URL");
+    }
+
+    async fn healthy(&self, base: &Url) -> bool {
+        let Ok(url) = endpoint(base, &["health"], &[]) else {
+            return false;
+        };
+        matches!(
+            self.http.get(url).timeout(Duration::from_secs(5)).send().await,
+            Ok(r) if r.status().is_success()
+        )
+    }
+
+    /// Sends one request and returns the answer's `data` (or the whole body when the server
+    /// does not wrap it). Non-2xx is [`Error::Status`].
+    pub async fn call(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> Result<Value> {
+        let active = self.active.load(Ordering::Relaxed) % self.bases.len();
+        match self
+            .call_on(active, method.clone(), segments, query, body)
+            .await
+        {
+            Err(err) if err.is_unreachable() && self.bases.len() > 1 => {
+                let other = (active + 1) % self.bases.len();
+                tracing::warn!(error = %err, base = %self.bases[other], "SignalDock unreachable, trying the fallback base URL");
+                let answer = self.call_on(other, method, segments, query, body).await;
+                if !matches!(&answer, Err(e) if e.is_unreachable()) {
+                    self.active.store(other, Ordering::Relaxed);
+                }
+                answer
+            }
+            answer => answer,
+        }
+    }
+
+    async fn call_on(
+        &self,
+        base: usize,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> Result<Value> {
+        let url = endpoint(&self.bases[base], segments, query)?;
+        let key = self.credentials.current();
+        let answer = self.send(method.clone(), url.clone(), &key, body).await;
+        match answer {
+            Err(Error::Status { status: 401, .. }) => match self.credentials.alternate(&key) {
+                Some(other) => {
+                    tracing::debug!(
+                        path = url.path(),
+                        "401 during key overlap, retrying with the other key"
+                    );
+                    self.send(method, url, &other, body).await
+                }
+                None => answer,
+            },
+            _ => answer,
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        key: &ApiKey,
+        body: Option<&Value>,
+    ) -> Result<Value> {
+        let path = url.path().to_owned();
+        let mut request = self
+            .http
+            .request(method.clone(), url)
+            .timeout(self.timeout)
+            .header(header::AUTHORIZATION, format!("Bearer {}", key.expose()))
+            .header("X-Agent-Id", self.credentials.agent_id())
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(body) = body {
+            request = request.body(body.to_string());
+        }
+        let started = tokio::time::Instant::now();
+        let result = async {
+            let response = request.send().await.map_err(|e| self.transport_error(&e))?;
+            let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| backoff::retry_after(v, MAX_RETRY_AFTER));
+            let bytes = read_capped(response).await.map_err(|e| match e {
+                Error::Network(why) => Error::Network(self.credentials.scrub(&why)),
+                other => other,
+            })?;
+            if !status.is_success() {
+                return Err(Error::Status {
+                    status: status.as_u16(),
+                    retry_after,
+                    message: error_message(status, &bytes),
+                });
+            }
+            parse_envelope(&bytes)
+        }
+        .await;
+        tracing::trace!(%method, path, elapsed_ms = started.elapsed().as_millis() as u64, ok = result.is_ok(), "SignalDock request");
+        result
+    }
+
+    fn transport_error(&self, err: &reqwest::Error) -> Error {
+        if err.is_timeout() {
+            return Error::Timeout;
+        }
+        // reqwest's messages name the URL (never a header); scrub anyway, on principle.
+        let mut why = err.to_string();
+        let mut source = std::error::Error::source(err);
+        while let Some(cause) = source {
+            why.push_str(": ");
+            why.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        Error::Network(self.credentials.scrub(&why))
+    }
+
+    // ----- the calls of WIRE.md -----
+
+    /// `GET /messages/peek`: pending messages, non-destructive.
+    pub async fn peek(
+        &self,
+        limit: u32,
+        since: Option<&str>,
+        mentioned: Option<&str>,
+    ) -> Result<Vec<Value>> {
+        let limit = limit.to_string();
+        let mut query = vec![("limit", limit.as_str())];
+        if let Some(since) = since {
+            query.push(("since", since));
+        }
+        if let Some(mentioned) = mentioned {
+            query.push(("mentioned", mentioned));
+        }
+        let data = self
+            .call(Method::GET, &["messages", "peek"], &query, None)
+            .await?;
+        messages_of(data)
+    }
+
+    /// `POST /messages/ack`.
+    pub async fn ack(&self, ids: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let body = json!({ "messageIds": ids });
+        self.call(Method::POST, &["messages", "ack"], &[], Some(&body))
+            .await
+            .map(drop)
+    }
+
+    /// `POST /messages`: a direct message; returns its id.
+    pub async fn send_direct(&self, to: &str, content: &str) -> Result<String> {
+        let body = json!({ "toAgentId": to, "content": content });
+        let data = self
+            .call(Method::POST, &["messages"], &[], Some(&body))
+            .await?;
+        message_id_of(&data)
+    }
+
+    /// `POST /conversations/{id}/messages`; returns the new message's id.
+    pub async fn send_to_conversation(
+        &self,
+        conversation: &str,
+        content: &str,
+        reply_to: Option<&str>,
+    ) -> Result<String> {
+        let mut body = json!({ "content": content });
+        if let Some(reply_to) = reply_to {
+            body["replyTo"] = json!(reply_to);
+        }
+        let data = self
+            .call(
+                Method::POST,
+                &["conversations", conversation, "messages"],
+                &[],
+                Some(&body),
+            )
+            .await?;
+        message_id_of(&data)
+    }
+
+    /// `GET /conversations/{id}/messages?sort=desc&limit=N`: newest first.
+    pub async fn conversation_messages(
+        &self,
+        conversation: &str,
+        limit: u32,
+    ) -> Result<Vec<Value>> {
+        let limit = limit.to_string();
+        let query = [("sort", "desc"), ("limit", limit.as_str())];
+        let data = self
+            .call(
+                Method::GET,
+                &["conversations", conversation, "messages"],
+                &query,
+                None,
+            )
+            .await?;
+        messages_of(data)
+    }
+
+    /// `POST /agents/{id}/heartbeat` with `{"status":"online"}`.
+    pub async fn heartbeat(&self) -> Result<()> {
+        let body = json!({ "status": "online" });
+        let agent = self.credentials.agent_id().to_owned();
+        self.call(
+            Method::POST,
+            &["agents", &agent, "heartbeat"],
+            &[],
+            Some(&body),
+        )
+        .await
+        .map(drop)
+    }
+}
+
+async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_BODY_BYTES {
+                    return Err(Error::Decode(format!(
+                        "answer larger than {MAX_BODY_BYTES} bytes"
+                    )));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) if e.is_timeout() => return Err(Error::Timeout),
+            Err(e) => return Err(Error::Network(e.to_string())),
+        }
+    }
+}
+
+/// The `data` of `{ success, data }`, or the body itself from a server that does not wrap.
+fn parse_envelope(bytes: &[u8]) -> Result<Value> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Null);
+    }
+    let mut value: Value =
+        serde_json::from_slice(bytes).map_err(|e| Error::Decode(format!("malformed JSON: {e}")))?;
+    if value.get("success").is_some()
+        && let Some(data) = value.get_mut("data")
+    {
+        return Ok(data.take());
+    }
+    Ok(value)
+}
+
+fn error_message(status: StatusCode, bytes: &[u8]) -> String {
+    let from_body = serde_json::from_slice::<Value>(bytes).ok().and_then(|v| {
+        let e = v.get("error")?;
+        e.get("message")
+            .or(Some(e))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    });
+    let text = from_body.unwrap_or_else(|| status.canonical_reason().unwrap_or("").to_owned());
+    text.chars().take(200).collect()
+}
+
+fn messages_of(data: Value) -> Result<Vec<Value>> {
+    match data {
+        Value::Object(mut obj) => match obj.remove("messages") {
+            Some(Value::Array(rows)) => Ok(rows),
+            Some(Value::Null) | None => Ok(Vec::new()),
+            Some(_) => Err(Error::Decode("`messages` is not an array".into())),
+        },
+        Value::Array(rows) => Ok(rows),
+        Value::Null => Ok(Vec::new()),
+        _ => Err(Error::Decode("answer is not an object".into())),
+    }
+}
+
+/// `{ message: { id } }`, or `{ id }` from older servers.
+fn message_id_of(data: &Value) -> Result<String> {
+    let id = data
+        .get("message")
+        .and_then(|m| m.get("id"))
+        .or_else(|| data.get("id"));
+    match id {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        Some(Value::Number(n)) => Ok(n.to_string()),
+        _ => Err(Error::Decode("answer carries no message id".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_stay_inside_their_segment() {
+        let base = parse_base_url("http://127.0.0.1:1/api/").unwrap();
+        for (id, path) in [
+            ("plain", "/api/conversations/plain/messages"),
+            ("a/b", "/api/conversations/a%2Fb/messages"),
+            ("a..b", "/api/conversations/a..b/messages"),
+            ("...", "/api/conversations/.../messages"),
+            ("q?x=1#f", "/api/conversations/q%3Fx=1%23f/messages"),
+            ("100%", "/api/conversations/100%25/messages"),
+            ("a b", "/api/conversations/a%20b/messages"),
+            ("zoë", "/api/conversations/zo%C3%AB/messages"),
+        ] {
+            let url = endpoint(&base, &["conversations", id, "messages"], &[]).unwrap();
+            assert_eq!(url.path(), path, "{id}");
+            assert_eq!(url.query(), None);
+        }
+        let url = endpoint(
+            &base,
+            &["messages", "peek"],
+            &[("mentioned", "a&b=c"), ("limit", "50")],
+        )
+        .unwrap();
+        assert_eq!(url.query(), Some("mentioned=a%26b%3Dc&limit=50"));
+        for dots in [".", ".."] {
+            assert!(matches!(
+                endpoint(&base, &["conversations", dots], &[]),
+                Err(Error::Config(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn base_urls_are_checked() {
+        assert!(parse_base_url("https://api.signaldock.io").is_ok());
+        for bad in ["", "local", "ftp://x", "http://", "not a url"] {
+            assert!(
+                matches!(parse_base_url(bad), Err(Error::Config(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn envelope_and_shapes() {
+        assert_eq!(
+            parse_envelope(br#"{"success":true,"data":{"a":1}}"#).unwrap()["a"],
+            1
+        );
+        assert_eq!(parse_envelope(br#"{"a":2}"#).unwrap()["a"], 2);
+        assert_eq!(parse_envelope(b"  ").unwrap(), Value::Null);
+        assert!(matches!(parse_envelope(b"{nope"), Err(Error::Decode(_))));
+        assert_eq!(messages_of(json!({"messages": [1, 2]})).unwrap().len(), 2);
+        assert!(messages_of(json!({"messages": 3})).is_err());
+        assert_eq!(
+            message_id_of(&json!({"message": {"id": "m1"}})).unwrap(),
+            "m1"
+        );
+        assert_eq!(message_id_of(&json!({"id": 7})).unwrap(), "7");
+        assert!(message_id_of(&json!({})).is_err());
+        assert_eq!(
+            error_message(
+                StatusCode::UNAUTHORIZED,
+                br#"{"success":false,"error":{"message":"unauthorized"}}"#
+            ),
+            "unauthorized"
+        );
+        assert_eq!(
+            error_message(StatusCode::BAD_GATEWAY, b"<html>"),
+            "Bad Gateway"
+        );
+    }
+}
