@@ -1,0 +1,661 @@
+//! The agent poller: direct messages and group @mentions, delivered once each, in order.
+//!
+//! Two tasks run while the poller is started:
+//!
+//! - the **poll loop** runs one cycle at once and then one per interval: the direct-message
+//!   track (`DirectSource::poll`) and every group conversation concurrently, dedups them
+//!   against everything already seen, and queues batches (direct messages first);
+//! - the **delivery loop** hands each batch to the handler and acks direct messages once
+//!   their handler has settled, so a restart does not redeliver what was handled and more
+//!   than one page of pending messages drains.
+//!
+//! The queue between them is bounded: a slow handler slows polling (backpressure) instead
+//! of growing memory. Messages pushed over SSE enter the same queue through
+//! [`Poller::offer`], so one message means one handler call whichever path brought it.
+//!
+//! While the realtime path (SSE) is up, direct-message polling slows by
+//! [`PollerConfig::realtime_slowdown`]; the moment it drops, a poll runs at once and the
+//! normal interval returns. Group polling keeps its interval (the stream does not carry
+//! group messages).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use futures_util::future::join_all;
+use serde_json::Value;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use super::clock;
+use super::dedup::SeenWindow;
+use super::delivery::{Handler, Outcome, Settled};
+use super::error::Error;
+use super::mention::mentions;
+use super::message::{self, ConduitMessage};
+use super::task::RunningTask;
+use super::transport::{DirectSource, GroupFeed};
+
+/// Direct messages asked for per poll (API.md: `limit: 50`).
+pub const DIRECT_PAGE: u32 = 50;
+/// The most rows read from one group conversation in one cycle while catching up a burst.
+pub const MAX_GROUP_FETCH: u32 = 1000;
+/// Batches queued between polling and delivery before polling waits.
+const DELIVERY_QUEUE: usize = 4;
+/// Settled-but-unacked ids kept for a retry after a failed ack.
+const MAX_PENDING_ACKS: usize = 10_000;
+
+#[derive(Clone, Debug)]
+pub struct PollerConfig {
+    pub agent_id: String,
+    pub poll_interval: Duration,
+    pub group_conversation_ids: Vec<String>,
+    pub group_poll_limit: u32,
+    /// Direct-message polling runs this many times less often while SSE is connected.
+    pub realtime_slowdown: u32,
+    pub seen_capacity: usize,
+}
+
+impl PollerConfig {
+    pub fn new(agent_id: impl Into<String>) -> Self {
+        Self {
+            agent_id: agent_id.into(),
+            poll_interval: Duration::from_millis(5000),
+            group_conversation_ids: Vec::new(),
+            group_poll_limit: 15,
+            realtime_slowdown: 6,
+            seen_capacity: super::dedup::DEFAULT_CAPACITY,
+        }
+    }
+}
+
+/// What `status()` reports.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PollerStatus {
+    pub running: bool,
+    pub seen_count: usize,
+    pub delivered: u64,
+    pub failed: u64,
+    pub malformed: u64,
+    pub polls: u64,
+    pub last_poll_at: Option<String>,
+    pub last_error: Option<String>,
+    pub realtime: bool,
+    pub pending_acks: usize,
+}
+
+struct Batch {
+    messages: Vec<ConduitMessage>,
+    /// Direct messages are acked once handled; group and SSE messages need no ack.
+    ack: bool,
+}
+
+#[derive(Default)]
+struct Stats {
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    malformed: AtomicU64,
+    polls: AtomicU64,
+    last_poll_ms: AtomicI64,
+    last_error: Mutex<Option<String>>,
+}
+
+struct Shared {
+    config: PollerConfig,
+    direct: Arc<dyn DirectSource>,
+    groups: Option<Arc<dyn GroupFeed>>,
+    handler: RwLock<Option<Arc<dyn Handler>>>,
+    handler_set: Notify,
+    /// Ids whose handler call has settled.
+    seen: Mutex<SeenWindow>,
+    /// Ids taken for delivery whose handler call has not settled: duplicates of these are
+    /// dropped too. Forgotten on stop, so a later start offers them again instead of losing
+    /// them with the queue.
+    queued: Mutex<HashSet<String>>,
+    stats: Stats,
+    realtime: watch::Sender<bool>,
+    kick: Notify,
+    /// Settled direct-message ids not yet acked, including those of an ack in flight.
+    pending_acks: Mutex<Vec<String>>,
+    /// One ack request at a time (the delivery loop and the poll loop both flush).
+    acking: tokio::sync::Mutex<()>,
+    queue: Mutex<Option<mpsc::Sender<Batch>>>,
+}
+
+struct Running {
+    poll: RunningTask,
+    delivery: RunningTask,
+}
+
+/// A poller. Cheap to share; `start`/`stop` are idempotent.
+pub struct Poller {
+    shared: Arc<Shared>,
+    running: Mutex<Option<Running>>,
+}
+
+impl Poller {
+    /// `groups` is needed only when the config names group conversations.
+    pub fn new(
+        config: PollerConfig,
+        direct: Arc<dyn DirectSource>,
+        groups: Option<Arc<dyn GroupFeed>>,
+    ) -> Self {
+        let seen = SeenWindow::new(config.seen_capacity);
+        Self {
+            shared: Arc::new(Shared {
+                config,
+                direct,
+                groups,
+                handler: RwLock::new(None),
+                handler_set: Notify::new(),
+                seen: Mutex::new(seen),
+                queued: Mutex::new(HashSet::new()),
+                stats: Stats::default(),
+                realtime: watch::channel(false).0,
+                kick: Notify::new(),
+                pending_acks: Mutex::new(Vec::new()),
+                acking: tokio::sync::Mutex::new(()),
+                queue: Mutex::new(None),
+            }),
+            running: Mutex::new(None),
+        }
+    }
+
+    pub fn config(&self) -> &PollerConfig {
+        &self.shared.config
+    }
+
+    /// Sets THE handler (replacing any earlier one). A running poller polls at once.
+    pub fn set_handler(&self, handler: Arc<dyn Handler>) {
+        *self
+            .shared
+            .handler
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(handler);
+        self.shared.handler_set.notify_waiters();
+        self.shared.kick.notify_one();
+    }
+
+    pub fn has_handler(&self) -> bool {
+        self.shared.handler().is_some()
+    }
+
+    /// Starts both loops on the current tokio runtime. Returns false when already running.
+    pub fn start(&self) -> bool {
+        let mut running = lock(&self.running);
+        if running.is_some() {
+            return false;
+        }
+        let (tx, rx) = mpsc::channel(DELIVERY_QUEUE);
+        *lock(&self.shared.queue) = Some(tx.clone());
+        let shared = self.shared.clone();
+        let delivery = RunningTask::spawn(|token| delivery_loop(shared, rx, token));
+        let shared = self.shared.clone();
+        let poll = RunningTask::spawn(|token| poll_loop(shared, tx, token));
+        *running = Some(Running { poll, delivery });
+        true
+    }
+
+    /// Stops both loops at once, even mid-handler or mid-request. Returns the ids of direct
+    /// messages that were handled but not yet acked, for the caller to ack on the way out.
+    pub fn stop(&self) -> Vec<String> {
+        let Some(running) = lock(&self.running).take() else {
+            return Vec::new();
+        };
+        *lock(&self.shared.queue) = None;
+        running.poll.stop();
+        running.delivery.stop();
+        // Dropped with the queue, never handled: a later start must take them again.
+        lock(&self.shared.queued).clear();
+        std::mem::take(&mut *lock(&self.shared.pending_acks))
+    }
+
+    pub fn is_running(&self) -> bool {
+        lock(&self.running).is_some()
+    }
+
+    /// Tells the poller whether the realtime path is up (see the module doc).
+    pub fn set_realtime(&self, connected: bool) {
+        self.shared.realtime.send_if_modified(|state| {
+            let changed = *state != connected;
+            *state = connected;
+            changed
+        });
+    }
+
+    /// A message from the realtime path: delivered through the same dedup and queue.
+    /// Waits while the queue is full. Returns false when the poller is not running.
+    pub async fn offer(&self, message: ConduitMessage) -> bool {
+        let Some(queue) = lock(&self.shared.queue).clone() else {
+            return false;
+        };
+        let id = message.id.clone();
+        let messages = self.shared.fresh(vec![message]);
+        if messages.is_empty() {
+            return true;
+        }
+        let sent = queue
+            .send(Batch {
+                messages,
+                ack: false,
+            })
+            .await
+            .is_ok();
+        if !sent {
+            lock(&self.shared.queued).remove(&id);
+        }
+        sent
+    }
+
+    pub fn status(&self) -> PollerStatus {
+        let stats = &self.shared.stats;
+        let last_poll = stats.last_poll_ms.load(Ordering::Relaxed);
+        PollerStatus {
+            running: self.is_running(),
+            seen_count: lock(&self.shared.seen).len() + lock(&self.shared.queued).len(),
+            delivered: stats.delivered.load(Ordering::Relaxed),
+            failed: stats.failed.load(Ordering::Relaxed),
+            malformed: stats.malformed.load(Ordering::Relaxed),
+            polls: stats.polls.load(Ordering::Relaxed),
+            last_poll_at: (last_poll > 0).then(|| clock::format_iso_ms(last_poll)),
+            last_error: lock(&stats.last_error).clone(),
+            realtime: *self.shared.realtime.borrow(),
+            pending_acks: lock(&self.shared.pending_acks).len(),
+        }
+    }
+}
+
+impl Drop for Poller {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Shared {
+    fn handler(&self) -> Option<Arc<dyn Handler>> {
+        self.handler
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn record_error(&self, track: &str, err: &Error) {
+        tracing::debug!(track, error = %err, "poll track failed");
+        *lock(&self.stats.last_error) = Some(format!("{track}: {err}"));
+    }
+
+    /// Keeps the ids neither seen nor queued before, marking them queued.
+    fn fresh(&self, messages: Vec<ConduitMessage>) -> Vec<ConduitMessage> {
+        let seen = lock(&self.seen);
+        let mut queued = lock(&self.queued);
+        messages
+            .into_iter()
+            .filter(|m| !seen.contains(&m.id) && queued.insert(m.id.clone()))
+            .collect()
+    }
+
+    /// A handler call settled: the id moves from queued to seen (in that order, so that it
+    /// is never in neither).
+    fn settle(&self, id: &str) {
+        lock(&self.seen).insert(id);
+        lock(&self.queued).remove(id);
+    }
+}
+
+/// Per-track state the poll loop carries from cycle to cycle.
+#[derive(Default)]
+struct Tracks {
+    /// The direct track must not be asked again before this (429 with `Retry-After`).
+    direct_not_before: Option<Instant>,
+    /// High-water mark for the next direct poll, when the last page was full and all seen.
+    direct_since: Option<String>,
+    groups: HashMap<String, GroupTrack>,
+}
+
+#[derive(Default)]
+struct GroupTrack {
+    /// Ids of the newest page read last cycle: a full page with none of them means a burst
+    /// bigger than a page arrived, and more must be read at once.
+    last_ids: Arc<HashSet<String>>,
+    primed: bool,
+    not_before: Option<Instant>,
+}
+
+async fn poll_loop(shared: Arc<Shared>, queue: mpsc::Sender<Batch>, token: CancellationToken) {
+    let base = shared.config.poll_interval;
+    let slow = base.saturating_mul(shared.config.realtime_slowdown.max(1));
+    // Due times are compared with the ticks' scheduled instants, so both start from the
+    // same instant: the first tick is then due for both tracks on a real clock too.
+    let start = Instant::now();
+    let mut ticks = tokio::time::interval_at(start, base);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut realtime = shared.realtime.subscribe();
+    let mut tracks = Tracks::default();
+    let mut direct_due = start;
+    let mut groups_due = start;
+    // A kick left from before this start (a handler set while stopped) would run a second
+    // cycle right after the first; the first tick is at once anyway.
+    let _ = shared.kick.notified().now_or_never();
+    loop {
+        let mut direct_now = false;
+        // For a tick, the instant it was due rather than the moment we woke: due times then
+        // land exactly on later ticks, instead of just after them (skipping one) whenever
+        // this wake-up was quicker than the last.
+        let now = tokio::select! {
+            _ = token.cancelled() => return,
+            at = ticks.tick() => at,
+            _ = shared.kick.notified() => Instant::now(),
+            changed = realtime.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                if *realtime.borrow_and_update() {
+                    tracing::debug!("realtime path up: direct polling slows down");
+                    direct_due = Instant::now() + slow;
+                    continue;
+                }
+                tracing::info!("realtime path down: polling now and at the normal interval");
+                direct_now = true;
+                Instant::now()
+            }
+        };
+        if shared.handler().is_none() {
+            continue;
+        }
+        let run_direct = direct_now || now >= direct_due;
+        if run_direct {
+            direct_due = now
+                + if *shared.realtime.borrow() {
+                    slow
+                } else {
+                    base
+                };
+        }
+        // Groups keep their own interval: catching up a direct backlog or the realtime path
+        // dropping does not poll every conversation again.
+        let run_groups = now >= groups_due;
+        if run_groups {
+            groups_due = now + base;
+        }
+        if !run_direct && !run_groups {
+            continue;
+        }
+        let more = tokio::select! {
+            _ = token.cancelled() => return,
+            more = cycle(&shared, &queue, run_direct, run_groups, &mut tracks) => more,
+        };
+        if more {
+            // A full page: read the next one now rather than an interval later.
+            shared.kick.notify_one();
+            direct_due = Instant::now();
+        }
+    }
+}
+
+/// One poll cycle. Returns true when a track had a full page of new messages.
+async fn cycle(
+    shared: &Shared,
+    queue: &mpsc::Sender<Batch>,
+    run_direct: bool,
+    run_groups: bool,
+    tracks: &mut Tracks,
+) -> bool {
+    let now = Instant::now();
+    shared.stats.polls.fetch_add(1, Ordering::Relaxed);
+    shared
+        .stats
+        .last_poll_ms
+        .store(clock::now_ms(), Ordering::Relaxed);
+
+    let direct_allowed = run_direct && tracks.direct_not_before.is_none_or(|t| now >= t);
+    let since = tracks.direct_since.clone();
+    let direct = async move {
+        if direct_allowed {
+            // Ack what is owed first (an earlier ack may have failed), so the server does
+            // not offer it again.
+            flush_acks(shared).await;
+            Some(shared.direct.poll(DIRECT_PAGE, since).await)
+        } else {
+            None
+        }
+    };
+    let limit = shared.config.group_poll_limit.max(1);
+    let eligible: Vec<String> = match shared.groups {
+        Some(_) if run_groups => shared
+            .config
+            .group_conversation_ids
+            .iter()
+            .filter(|id| {
+                tracks
+                    .groups
+                    .get(*id)
+                    .and_then(|t| t.not_before)
+                    .is_none_or(|t| now >= t)
+            })
+            .cloned()
+            .collect(),
+        _ => Vec::new(),
+    };
+    let groups: Vec<_> = eligible
+        .into_iter()
+        .filter_map(|id| {
+            let feed = shared.groups.clone()?;
+            let track = tracks.groups.entry(id.clone()).or_default();
+            let known = track.primed.then(|| track.last_ids.clone());
+            Some(async move {
+                let rows = read_group(feed.as_ref(), &id, limit, known.as_deref()).await;
+                (id, rows)
+            })
+        })
+        .collect();
+    let (direct, groups) = tokio::join!(direct, join_all(groups));
+
+    let mut more = false;
+    if let Some(result) = direct {
+        match result {
+            Ok(page) => {
+                shared
+                    .stats
+                    .malformed
+                    .fetch_add(page.malformed as u64, Ordering::Relaxed);
+                let full = page.rows >= DIRECT_PAGE as usize;
+                let last_stamp = page.messages.last().map(|m| m.timestamp.clone());
+                let fresh = shared.fresh(page.messages);
+                tracks.direct_since = match (full, fresh.is_empty()) {
+                    // Full of what we already have (handled but ack pending, or queued):
+                    // look past it, once per distinct mark.
+                    (true, true) if last_stamp != tracks.direct_since => {
+                        more = true;
+                        last_stamp
+                    }
+                    (true, false) => {
+                        more = true;
+                        None
+                    }
+                    _ => None,
+                };
+                if !fresh.is_empty()
+                    && queue
+                        .send(Batch {
+                            messages: fresh,
+                            ack: true,
+                        })
+                        .await
+                        .is_err()
+                {
+                    return false;
+                }
+            }
+            Err(err) => {
+                shared.record_error("direct", &err);
+                tracks.direct_not_before = err.retry_after().map(|wait| now + wait);
+            }
+        }
+    }
+
+    let mut group_messages = Vec::new();
+    for (id, result) in groups {
+        let track = tracks.groups.entry(id.clone()).or_default();
+        match result {
+            Ok(rows) => {
+                track.not_before = None;
+                // From the newest row read last cycle on, rows were read then (or are older
+                // history, which the first cycle does not replay either): only the rows
+                // before it are new, and only they are mapped and counted.
+                let new = if track.primed {
+                    rows.iter()
+                        .position(|row| row_id(row).is_some_and(|i| track.last_ids.contains(&i)))
+                        .unwrap_or(rows.len())
+                } else {
+                    rows.len()
+                };
+                track.primed = true;
+                track.last_ids = Arc::new(rows.iter().filter_map(row_id).collect());
+                // Newest first on the wire; oldest first to the handler.
+                for row in rows[..new].iter().rev() {
+                    match message::from_rest_row(row, Some(&id)) {
+                        Ok(m)
+                            if m.from != shared.config.agent_id
+                                && mentions(&m.content, &shared.config.agent_id) =>
+                        {
+                            group_messages.push(m);
+                        }
+                        Ok(_) => {}
+                        Err(why) => {
+                            tracing::warn!(conversation = %id, error = %why, "skipping a group row");
+                            shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            Err(err) => {
+                shared.record_error(&format!("group {id}"), &err);
+                track.not_before = err.retry_after().map(|wait| now + wait);
+            }
+        }
+    }
+    let fresh = shared.fresh(group_messages);
+    if !fresh.is_empty()
+        && queue
+            .send(Batch {
+                messages: fresh,
+                ack: false,
+            })
+            .await
+            .is_err()
+    {
+        return false;
+    }
+    more
+}
+
+/// Reads a group's newest rows; when a full page holds none of `known` (the ids read last
+/// cycle), the burst was bigger than a page, so read a bigger one, up to [`MAX_GROUP_FETCH`].
+async fn read_group(
+    feed: &dyn GroupFeed,
+    id: &str,
+    limit: u32,
+    known: Option<&HashSet<String>>,
+) -> super::error::Result<Vec<Value>> {
+    let mut limit = limit;
+    loop {
+        let rows = feed.recent(id, limit).await?;
+        let full = rows.len() >= limit as usize;
+        let overlaps =
+            known.is_none_or(|known| rows.iter().filter_map(row_id).any(|i| known.contains(&i)));
+        if !full || overlaps || limit >= MAX_GROUP_FETCH {
+            return Ok(rows);
+        }
+        limit = (limit * 4).min(MAX_GROUP_FETCH);
+    }
+}
+
+fn row_id(row: &Value) -> Option<String> {
+    match row.get("id")? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+async fn delivery_loop(
+    shared: Arc<Shared>,
+    mut queue: mpsc::Receiver<Batch>,
+    token: CancellationToken,
+) {
+    loop {
+        let batch = tokio::select! {
+            _ = token.cancelled() => return,
+            batch = queue.recv() => match batch {
+                Some(batch) => batch,
+                None => return,
+            },
+        };
+        // A message pushed before any handler exists waits here for one: never dropped.
+        let handler = loop {
+            let registered = shared.handler_set.notified();
+            if let Some(handler) = shared.handler() {
+                break handler;
+            }
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = registered => {}
+            }
+        };
+        let ack = batch.ack;
+        let settled: Settled = {
+            let shared = shared.clone();
+            Arc::new(move |id: &str, outcome: Outcome| {
+                match outcome {
+                    Outcome::Handled => shared.stats.delivered.fetch_add(1, Ordering::Relaxed),
+                    Outcome::Failed(why) => {
+                        tracing::warn!(message_id = id, error = %why, "message handler failed");
+                        *lock(&shared.stats.last_error) = Some(format!("handler: {why}"));
+                        shared.stats.failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                shared.settle(id);
+                if ack {
+                    let mut pending = lock(&shared.pending_acks);
+                    if pending.len() < MAX_PENDING_ACKS {
+                        pending.push(id.to_owned());
+                    }
+                }
+            })
+        };
+        handler
+            .deliver(batch.messages, settled, token.clone())
+            .await;
+        if ack {
+            flush_acks(&shared).await;
+        }
+    }
+}
+
+/// Acks the settled ids. They stay pending until the server has taken the ack, so `stop()`
+/// in the middle of one still returns them; after a failure the next direct poll retries.
+async fn flush_acks(shared: &Shared) {
+    let _one = shared.acking.lock().await;
+    let ids = lock(&shared.pending_acks).clone();
+    if ids.is_empty() {
+        return;
+    }
+    match shared.direct.ack(ids.clone()).await {
+        Ok(()) => {
+            let done: HashSet<String> = ids.into_iter().collect();
+            lock(&shared.pending_acks).retain(|id| !done.contains(id));
+        }
+        // The server offers them again meanwhile; dedup keeps them from the handler.
+        Err(err) => shared.record_error("ack", &err),
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1017 @@
+//! Poller behaviour against fakes, on tokio's paused clock.
+//!
+//! The fakes: [`Direct`] is a pending-message server (oldest first, `since` honoured, acked
+//! messages disappear) with an optional script of pages or errors in front of it; [`Groups`]
+//! keeps rows per conversation and answers newest first, with scripted errors and a
+//! per-request delay; [`Recorder`] is the handler, recording every message it is handed and
+//! able to fail, be slow, or never settle. Every fake stamps what it sees with the paused
+//! clock's milliseconds since the test began, so schedules are asserted exactly.
+
+use std::collections::VecDeque;
+
+use futures_util::future::BoxFuture;
+use serde_json::json;
+use tokio::time::sleep_until;
+
+use super::*;
+use crate::core::error::Result;
+use crate::core::transport::Page;
+
+// ---------------------------------------------------------------------------------------
+// Fixtures
+
+/// 2026-01-01T00:00:00Z: message timestamps count seconds from here.
+const EPOCH_MS: i64 = 1_767_225_600_000;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn stamp(i: u32) -> String {
+    clock::format_iso_ms(EPOCH_MS + i64::from(i) * 1000)
+}
+
+/// Direct message `d{i}`, stamped `i` seconds after the epoch.
+fn dm(i: u32) -> ConduitMessage {
+    message_with(&format!("d{i}"), &format!("direct {i}"), i)
+}
+
+fn dms(range: std::ops::RangeInclusive<u32>) -> Vec<ConduitMessage> {
+    range.map(dm).collect()
+}
+
+fn message_with(id: &str, content: &str, i: u32) -> ConduitMessage {
+    ConduitMessage {
+        id: id.into(),
+        from: "bob".into(),
+        content: content.into(),
+        tags: None,
+        thread_id: None,
+        group_id: None,
+        timestamp: stamp(i),
+        metadata: None,
+    }
+}
+
+/// A REST row of a group conversation.
+fn row(id: &str, from: &str, content: &str, i: u32) -> Value {
+    json!({ "id": id, "fromAgentId": from, "content": content, "createdAt": stamp(i) })
+}
+
+/// Rows `{prefix}{i}` from bob, each mentioning alice.
+fn mention_rows(prefix: &str, range: std::ops::RangeInclusive<u32>) -> Vec<Value> {
+    range
+        .map(|i| {
+            row(
+                &format!("{prefix}{i}"),
+                "bob",
+                &format!("@alice {prefix}{i}"),
+                i,
+            )
+        })
+        .collect()
+}
+
+fn names(prefix: &str, range: std::ops::RangeInclusive<u32>) -> Vec<String> {
+    range.map(|i| format!("{prefix}{i}")).collect()
+}
+
+fn strings(ids: &[&str]) -> Vec<String> {
+    ids.iter().map(|s| s.to_string()).collect()
+}
+
+fn server_error(status: u16) -> Error {
+    Error::Status {
+        status,
+        retry_after: None,
+        message: String::new(),
+    }
+}
+
+fn rate_limited(wait: Duration) -> Error {
+    Error::Status {
+        status: 429,
+        retry_after: Some(wait),
+        message: "slow down".into(),
+    }
+}
+
+fn page(messages: Vec<ConduitMessage>) -> Page {
+    Page {
+        rows: messages.len(),
+        messages,
+        malformed: 0,
+    }
+}
+
+fn since_millis(t0: Instant) -> u64 {
+    t0.elapsed().as_millis() as u64
+}
+
+// ---------------------------------------------------------------------------------------
+// Fake direct source
+
+#[derive(Clone, Debug, PartialEq)]
+struct PollCall {
+    at: u64,
+    limit: u32,
+    since: Option<String>,
+}
+
+#[derive(Default)]
+struct DirectState {
+    /// What the server holds, oldest first; acked ids leave.
+    pending: Vec<ConduitMessage>,
+    /// Answers given before the server's own, one per poll.
+    script: VecDeque<Result<Page>>,
+    polls: Vec<PollCall>,
+    /// Every ack request, when it started.
+    ack_calls: Vec<(u64, Vec<String>)>,
+    /// Ids acked successfully, in order.
+    acked: Vec<String>,
+    ack_errors: VecDeque<Error>,
+    ack_always_fails: bool,
+    ack_delay: Duration,
+    /// Every id the source has ever handed out.
+    served: HashSet<String>,
+}
+
+struct Direct {
+    state: Mutex<DirectState>,
+    t0: Instant,
+}
+
+impl Direct {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(DirectState::default()),
+            t0: Instant::now(),
+        })
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut DirectState) -> R) -> R {
+        f(&mut lock(&self.state))
+    }
+
+    fn push(&self, messages: Vec<ConduitMessage>) {
+        self.with(|s| s.pending.extend(messages));
+    }
+
+    fn polls(&self) -> Vec<PollCall> {
+        self.with(|s| s.polls.clone())
+    }
+
+    fn poll_times(&self) -> Vec<u64> {
+        self.with(|s| s.polls.iter().map(|p| p.at).collect())
+    }
+
+    fn acked(&self) -> Vec<String> {
+        self.with(|s| s.acked.clone())
+    }
+
+    fn ack_calls(&self) -> usize {
+        self.with(|s| s.ack_calls.len())
+    }
+
+    fn pending_ids(&self) -> Vec<String> {
+        self.with(|s| s.pending.iter().map(|m| m.id.clone()).collect())
+    }
+
+    fn served(&self) -> usize {
+        self.with(|s| s.served.len())
+    }
+}
+
+impl DirectSource for Direct {
+    fn poll(&self, limit: u32, since: Option<String>) -> BoxFuture<'_, Result<Page>> {
+        Box::pin(async move {
+            let mut s = lock(&self.state);
+            s.polls.push(PollCall {
+                at: since_millis(self.t0),
+                limit,
+                since: since.clone(),
+            });
+            let answer = s.script.pop_front().unwrap_or_else(|| {
+                let newer = |m: &&ConduitMessage| since.as_ref().is_none_or(|t| m.timestamp > *t);
+                Ok(page(
+                    s.pending
+                        .iter()
+                        .filter(newer)
+                        .take(limit as usize)
+                        .cloned()
+                        .collect(),
+                ))
+            });
+            if let Ok(page) = &answer {
+                let ids: Vec<String> = page.messages.iter().map(|m| m.id.clone()).collect();
+                s.served.extend(ids);
+            }
+            answer
+        })
+    }
+
+    fn ack(&self, ids: Vec<String>) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let delay = self.with(|s| {
+                s.ack_calls.push((since_millis(self.t0), ids.clone()));
+                s.ack_delay
+            });
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let mut s = lock(&self.state);
+            if let Some(err) = s.ack_errors.pop_front() {
+                return Err(err);
+            }
+            if s.ack_always_fails {
+                return Err(server_error(503));
+            }
+            s.pending.retain(|m| !ids.contains(&m.id));
+            s.acked.extend(ids);
+            Ok(())
+        })
+    }
+
+    fn name(&self) -> String {
+        "fake-direct".into()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Fake group feed
+
+#[derive(Default)]
+struct GroupState {
+    /// Rows per conversation, oldest first (answered newest first).
+    rows: HashMap<String, Vec<Value>>,
+    errors: HashMap<String, VecDeque<Error>>,
+    delay: Duration,
+    /// (ms, conversation, limit) per request.
+    requests: Vec<(u64, String, u32)>,
+    in_flight: usize,
+    max_in_flight: usize,
+}
+
+struct Groups {
+    state: Mutex<GroupState>,
+    t0: Instant,
+}
+
+impl Groups {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(GroupState::default()),
+            t0: Instant::now(),
+        })
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut GroupState) -> R) -> R {
+        f(&mut lock(&self.state))
+    }
+
+    fn add(&self, conversation: &str, rows: Vec<Value>) {
+        self.with(|s| s.rows.entry(conversation.into()).or_default().extend(rows));
+    }
+
+    fn fail(&self, conversation: &str, errors: Vec<Error>) {
+        self.with(|s| {
+            s.errors
+                .entry(conversation.into())
+                .or_default()
+                .extend(errors)
+        });
+    }
+
+    fn requests(&self) -> Vec<(u64, String, u32)> {
+        self.with(|s| s.requests.clone())
+    }
+
+    fn request_times(&self, conversation: &str) -> Vec<u64> {
+        self.with(|s| {
+            s.requests
+                .iter()
+                .filter(|r| r.1 == conversation)
+                .map(|r| r.0)
+                .collect()
+        })
+    }
+}
+
+impl GroupFeed for Groups {
+    fn recent(&self, conversation: &str, limit: u32) -> BoxFuture<'_, Result<Vec<Value>>> {
+        let conversation = conversation.to_owned();
+        Box::pin(async move {
+            let delay = self.with(|s| {
+                s.requests
+                    .push((since_millis(self.t0), conversation.clone(), limit));
+                s.in_flight += 1;
+                s.max_in_flight = s.max_in_flight.max(s.in_flight);
+                s.delay
+            });
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let mut s = lock(&self.state);
+            s.in_flight -= 1;
+            if let Some(err) = s
+                .errors
+                .get_mut(&conversation)
+                .and_then(VecDeque::pop_front)
+            {
+                return Err(err);
+            }
+            let rows = s.rows.get(&conversation).cloned().unwrap_or_default();
+            Ok(rows.into_iter().rev().take(limit as usize).collect())
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Fake handler
+
+struct RecorderState {
+    /// Every message handed over, with the ms it was handed over at.
+    calls: Mutex<Vec<(u64, ConduitMessage)>>,
+    fail: Mutex<HashSet<String>>,
+    /// Ids on which the handler never settles (once each).
+    hang: Mutex<HashSet<String>>,
+    per_message: Mutex<Duration>,
+    t0: Instant,
+}
+
+#[derive(Clone)]
+struct Recorder(Arc<RecorderState>);
+
+impl Recorder {
+    fn new() -> Self {
+        Self(Arc::new(RecorderState {
+            calls: Mutex::new(Vec::new()),
+            fail: Mutex::new(HashSet::new()),
+            hang: Mutex::new(HashSet::new()),
+            per_message: Mutex::new(Duration::ZERO),
+            t0: Instant::now(),
+        }))
+    }
+
+    fn failing(self, ids: &[&str]) -> Self {
+        lock(&self.0.fail).extend(strings(ids));
+        self
+    }
+
+    fn hanging_on(self, ids: &[&str]) -> Self {
+        lock(&self.0.hang).extend(strings(ids));
+        self
+    }
+
+    fn slow(self, per_message: Duration) -> Self {
+        *lock(&self.0.per_message) = per_message;
+        self
+    }
+
+    fn handler(&self) -> Arc<dyn Handler> {
+        Arc::new(self.clone())
+    }
+
+    fn ids(&self) -> Vec<String> {
+        lock(&self.0.calls)
+            .iter()
+            .map(|(_, m)| m.id.clone())
+            .collect()
+    }
+
+    fn calls(&self) -> Vec<(u64, ConduitMessage)> {
+        lock(&self.0.calls).clone()
+    }
+
+    fn count(&self) -> usize {
+        lock(&self.0.calls).len()
+    }
+}
+
+impl Handler for Recorder {
+    fn deliver(
+        &self,
+        batch: Vec<ConduitMessage>,
+        settled: Settled,
+        stop: CancellationToken,
+    ) -> BoxFuture<'static, ()> {
+        let me = self.0.clone();
+        Box::pin(async move {
+            for message in batch {
+                if stop.is_cancelled() {
+                    return;
+                }
+                lock(&me.calls).push((since_millis(me.t0), message.clone()));
+                if lock(&me.hang).remove(&message.id) {
+                    std::future::pending::<()>().await;
+                }
+                let delay = *lock(&me.per_message);
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                let outcome = if lock(&me.fail).contains(&message.id) {
+                    Outcome::Failed(format!("boom {}", message.id))
+                } else {
+                    Outcome::Handled
+                };
+                settled(&message.id, outcome);
+            }
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Rig
+
+struct Rig {
+    poller: Poller,
+    direct: Arc<Direct>,
+    groups: Arc<Groups>,
+    handler: Recorder,
+    t0: Instant,
+}
+
+impl Rig {
+    /// Agent `alice`, a 1 s interval, the given group conversations; no handler yet.
+    fn new(groups: &[&str]) -> Self {
+        Self::with_config(groups, |_| {})
+    }
+
+    fn with_config(groups: &[&str], tweak: impl FnOnce(&mut PollerConfig)) -> Self {
+        let mut config = PollerConfig::new("alice");
+        config.poll_interval = Duration::from_secs(1);
+        config.group_conversation_ids = strings(groups);
+        tweak(&mut config);
+        let direct = Direct::new();
+        let feed = Groups::new();
+        let poller = Poller::new(config, direct.clone(), Some(feed.clone()));
+        Self {
+            poller,
+            direct,
+            groups: feed,
+            handler: Recorder::new(),
+            t0: Instant::now(),
+        }
+    }
+
+    fn handle_with(&mut self, handler: Recorder) {
+        self.handler = handler;
+        self.poller.set_handler(self.handler.handler());
+    }
+
+    fn handle(&self) {
+        self.poller.set_handler(self.handler.handler());
+    }
+
+    /// Sleeps until `ms` after the test began.
+    async fn at(&self, millis: u64) {
+        sleep_until(self.t0 + ms(millis)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Handler registration and the schedule
+
+#[tokio::test(start_paused = true)]
+async fn without_a_handler_nothing_is_polled_and_a_late_handler_gets_everything() {
+    let r = Rig::new(&["g"]);
+    r.direct.push(dms(1..=3));
+    r.groups.add("g", mention_rows("g", 1..=2));
+    assert!(r.poller.start());
+
+    r.at(3500).await;
+    assert!(r.direct.polls().is_empty(), "no handler: no direct poll");
+    assert!(r.groups.requests().is_empty(), "no handler: no group poll");
+    let status = r.poller.status();
+    assert!(status.running);
+    assert_eq!(
+        (status.seen_count, status.polls),
+        (0, 0),
+        "nothing marked seen"
+    );
+
+    r.handle();
+    r.at(3510).await;
+    assert_eq!(
+        r.direct.poll_times(),
+        [3500],
+        "a prompt cycle, not at the next tick"
+    );
+    assert_eq!(r.groups.requests(), [(3500, "g".to_string(), 15)]);
+    assert_eq!(r.handler.ids(), strings(&["d1", "d2", "d3", "g1", "g2"]));
+    assert_eq!(r.direct.acked(), strings(&["d1", "d2", "d3"]));
+    assert_eq!(r.poller.status().seen_count, 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn start_runs_one_cycle_at_once_then_one_per_interval() {
+    let r = Rig::new(&["g"]);
+    r.handle(); // the usual order: onMessage, then start
+    assert!(r.poller.start());
+    assert!(!r.poller.start(), "a second start is a no-op");
+    r.at(3500).await;
+    assert!(!r.poller.start());
+    assert_eq!(r.direct.poll_times(), [0, 1000, 2000, 3000]);
+    assert_eq!(r.groups.request_times("g"), [0, 1000, 2000, 3000]);
+    assert_eq!(r.poller.status().polls, 4);
+    assert!(
+        r.direct
+            .polls()
+            .iter()
+            .all(|p| p.limit == DIRECT_PAGE && p.since.is_none())
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_handler_replaces_the_first() {
+    let mut r = Rig::new(&[]);
+    let first = Recorder::new();
+    r.direct.push(dms(1..=1));
+    r.handle_with(first.clone());
+    r.poller.start();
+    r.at(500).await;
+    let second = Recorder::new();
+    r.handle_with(second.clone());
+    r.direct.push(dms(2..=2));
+    r.at(1500).await;
+    assert_eq!(first.ids(), ["d1"]);
+    assert_eq!(second.ids(), ["d2"]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Stopping
+
+#[tokio::test(start_paused = true)]
+async fn stop_returns_at_once_while_the_handler_never_settles_and_nothing_happens_after() {
+    let mut r = Rig::new(&["g"]);
+    r.direct.push(dms(1..=5));
+    r.groups.add("g", mention_rows("g", 1..=1));
+    r.handle_with(Recorder::new().hanging_on(&["d3"]));
+    r.poller.start();
+    r.at(100).await;
+    assert_eq!(r.handler.ids(), strings(&["d1", "d2", "d3"]));
+    assert_eq!(r.direct.ack_calls(), 0, "acks wait for the batch");
+    assert_eq!(r.poller.status().pending_acks, 2);
+
+    let unacked = r.poller.stop();
+    assert_eq!(unacked, strings(&["d1", "d2"]), "handled but not acked");
+    assert!(!r.poller.status().running);
+    assert_eq!(r.poller.status().pending_acks, 0);
+
+    r.direct.push(dms(6..=6));
+    r.groups.add("g", mention_rows("g", 2..=2));
+    r.at(10_000).await;
+    assert_eq!(r.direct.polls().len(), 1, "no poll after stop");
+    assert_eq!(r.groups.requests().len(), 1, "no group poll after stop");
+    assert_eq!(r.direct.ack_calls(), 0, "no ack after stop");
+    assert_eq!(
+        r.handler.ids(),
+        strings(&["d1", "d2", "d3"]),
+        "no handler call after stop"
+    );
+    assert!(r.poller.stop().is_empty(), "a second stop is a no-op");
+    assert!(!r.poller.offer(dm(7)).await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stop_during_an_ack_still_returns_the_ids_being_acked() {
+    let r = Rig::new(&[]);
+    r.direct.push(dms(1..=2));
+    r.direct.with(|s| s.ack_delay = ms(500));
+    r.handle();
+    r.poller.start();
+    r.at(100).await;
+    assert_eq!(r.handler.ids(), strings(&["d1", "d2"]));
+    assert_eq!(r.direct.ack_calls(), 1, "the ack is on its way");
+    assert_eq!(r.poller.stop(), strings(&["d1", "d2"]));
+    r.at(2000).await;
+    assert!(
+        r.direct.acked().is_empty(),
+        "the ack in flight was dropped with the task"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_delivers_what_was_queued_but_not_handled() {
+    let mut r = Rig::new(&["g"]);
+    r.direct.push(dms(1..=3));
+    r.groups.add("g", mention_rows("g", 1..=1));
+    r.handle_with(Recorder::new().hanging_on(&["d2"]));
+    r.poller.start();
+    r.at(10).await;
+    assert_eq!(r.handler.ids(), strings(&["d1", "d2"]));
+    assert_eq!(r.poller.stop(), ["d1"]);
+    // The caller acks what stop() returned, on the way out.
+    r.direct.with(|s| s.pending.retain(|m| m.id != "d1"));
+
+    r.poller.start();
+    r.at(20).await;
+    // d2 reached the handler but never settled: offered again. d3 and g1 never got there.
+    assert_eq!(r.handler.ids(), strings(&["d1", "d2", "d2", "d3", "g1"]));
+    assert_eq!(r.direct.acked(), strings(&["d2", "d3"]));
+    assert!(r.direct.pending_ids().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// Dedup and order
+
+#[tokio::test(start_paused = true)]
+async fn one_handler_call_per_id_across_tracks_cycles_and_contents() {
+    let r = Rig::new(&["g"]);
+    r.direct.with(|s| {
+        s.script
+            .push_back(Ok(page(vec![message_with("x1", "direct x1", 1), dm(2)])));
+        // The same id again, with other content, and a duplicate inside one page.
+        s.script.push_back(Ok(page(vec![
+            message_with("x1", "changed", 1),
+            dm(3),
+            dm(3),
+        ])));
+    });
+    r.groups.add(
+        "g",
+        vec![
+            row("d2", "bob", "@alice d2 seen in the group", 1),
+            row("x1", "bob", "@alice x1 from the group", 2),
+            row("g5", "bob", "@alice new", 3),
+        ],
+    );
+    r.handle();
+    r.poller.start();
+    r.at(2500).await;
+    assert_eq!(r.handler.ids(), strings(&["x1", "d2", "g5", "d3"]));
+    let calls = r.handler.calls();
+    assert_eq!(calls[0].1.content, "direct x1", "first seen wins");
+    assert_eq!(r.direct.acked(), strings(&["x1", "d2", "d3"]));
+    assert!(r.poller.offer(message_with("g5", "again", 9)).await);
+    r.at(2600).await;
+    assert_eq!(r.handler.count(), 4, "offer dedups against polling");
+}
+
+#[tokio::test(start_paused = true)]
+async fn direct_messages_first_then_groups_oldest_first_in_config_order() {
+    let r = Rig::new(&["a", "b"]);
+    r.direct.push(dms(1..=3));
+    r.groups.add("a", mention_rows("a", 1..=3));
+    r.groups.add("b", mention_rows("b", 1..=2));
+    r.handle();
+    r.poller.start();
+    r.at(10).await;
+    assert_eq!(
+        r.handler.ids(),
+        strings(&["d1", "d2", "d3", "a1", "a2", "a3", "b1", "b2"])
+    );
+    let a1 = &r.handler.calls()[3].1;
+    assert_eq!(a1.group_id.as_deref(), Some("a"));
+    assert_eq!(a1.thread_id.as_deref(), Some("a"));
+    assert_eq!((a1.from.as_str(), a1.timestamp.clone()), ("bob", stamp(1)));
+}
+
+// ---------------------------------------------------------------------------------------
+// Acks and paging
+
+#[tokio::test(start_paused = true)]
+async fn acks_match_handled_ids_and_a_backlog_drains_at_once() {
+    let mut r = Rig::new(&[]);
+    r.direct.push(dms(1..=120));
+    r.handle_with(Recorder::new().failing(&["d7", "d60"]));
+    r.poller.start();
+    r.at(10).await;
+    assert_eq!(r.handler.ids(), names("d", 1..=120));
+    assert_eq!(
+        r.direct.acked(),
+        names("d", 1..=120),
+        "failed calls are settled: acked too"
+    );
+    assert!(r.direct.pending_ids().is_empty());
+    assert!(
+        r.direct.poll_times().iter().all(|&t| t == 0),
+        "next pages fetched at once"
+    );
+    let status = r.poller.status();
+    assert_eq!(
+        (status.delivered, status.failed, status.pending_acks),
+        (118, 2, 0)
+    );
+
+    r.at(1500).await;
+    assert_eq!(r.handler.count(), 120);
+    assert_eq!(r.direct.poll_times().last(), Some(&1000));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_page_already_seen_moves_the_high_water_mark_and_failed_acks_are_retried() {
+    let r = Rig::new(&[]);
+    r.direct.push(dms(1..=60));
+    r.direct.with(|s| s.ack_always_fails = true);
+    r.handle();
+    r.poller.start();
+    r.at(10).await;
+    assert_eq!(r.handler.ids(), names("d", 1..=60));
+    let want = |at, since: Option<String>| PollCall {
+        at,
+        limit: 50,
+        since,
+    };
+    assert_eq!(
+        r.direct.polls(),
+        [want(0, None), want(0, None), want(0, Some(stamp(50)))],
+        "page 1 again, all seen: look past its last message"
+    );
+    let status = r.poller.status();
+    assert_eq!(status.pending_acks, 60);
+    assert_eq!(status.last_error.as_deref(), Some("ack: HTTP 503"));
+
+    // The server is fixed; nothing new arrives. The next direct cycle acks what is owed.
+    r.direct.with(|s| s.ack_always_fails = false);
+    r.at(1010).await;
+    assert_eq!(r.direct.acked(), names("d", 1..=60));
+    assert!(r.direct.pending_ids().is_empty());
+    assert_eq!(r.poller.status().pending_acks, 0);
+    assert_eq!(r.direct.polls().last(), Some(&want(1000, None)));
+    r.at(3000).await;
+    assert_eq!(r.handler.count(), 60, "each once");
+}
+
+// ---------------------------------------------------------------------------------------
+// Groups
+
+#[tokio::test(start_paused = true)]
+async fn group_messages_need_a_mention_of_this_agent_or_all() {
+    let r = Rig::new(&["g"]);
+    r.groups.add(
+        "g",
+        vec![
+            row("m1", "bob", "hey @alice", 1),
+            row("m2", "bob", "@ALICE please", 2),
+            row("m3", "bob", "@all hands", 3),
+            row("m4", "bob", "@alicebob nope", 4),
+            row("m5", "bob", "mail bob@alice.dev", 5),
+            row("m6", "alice", "@alice note to self", 6),
+            row("m7", "bob", "no mention", 7),
+            row("m8", "carol", "@All, standup", 8),
+            row("m9", "bob", "@alice-2 not you", 9),
+        ],
+    );
+    r.handle();
+    r.poller.start();
+    r.at(10).await;
+    assert_eq!(r.handler.ids(), strings(&["m1", "m2", "m3", "m8"]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn group_conversations_are_polled_concurrently() {
+    let convs = ["g1", "g2", "g3", "g4", "g5"];
+    let r = Rig::new(&convs);
+    for (i, conv) in convs.iter().enumerate() {
+        r.groups.add(
+            conv,
+            vec![row(&format!("{conv}-m"), "bob", "@alice", i as u32)],
+        );
+    }
+    r.groups.with(|s| s.delay = ms(20));
+    r.handle();
+    r.poller.start();
+    r.at(30).await;
+    let times: Vec<u64> = r.handler.calls().iter().map(|(t, _)| *t).collect();
+    assert_eq!(times, [20; 5], "five 20 ms requests take 20 ms, not 100");
+    assert_eq!(r.groups.with(|s| s.max_in_flight), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_bigger_than_a_page_is_read_at_once_but_history_is_not() {
+    let r = Rig::new(&["g"]);
+    r.groups.add("g", mention_rows("h", 1..=30));
+    r.handle();
+    r.poller.start();
+    r.at(10).await;
+    assert_eq!(
+        r.groups.requests(),
+        [(0, "g".to_string(), 15)],
+        "first cycle: one page"
+    );
+    assert_eq!(r.handler.ids(), names("h", 16..=30));
+
+    r.groups.add("g", mention_rows("n", 1..=40));
+    r.at(1010).await;
+    assert_eq!(
+        r.groups.requests()[1..],
+        [(1000, "g".to_string(), 15), (1000, "g".to_string(), 60)]
+    );
+    assert_eq!(
+        r.handler.ids()[15..],
+        names("n", 1..=40),
+        "the burst, and no older history"
+    );
+
+    r.at(2010).await;
+    assert_eq!(r.groups.requests()[3..], [(2000, "g".to_string(), 15)]);
+    assert_eq!(r.handler.count(), 55);
+}
+
+// ---------------------------------------------------------------------------------------
+// Failures
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_track_does_not_stop_the_others_and_retry_after_is_honoured() {
+    let r = Rig::new(&["a", "b", "c"]);
+    for conv in ["a", "b", "c"] {
+        r.groups.add(conv, mention_rows(conv, 1..=1));
+    }
+    r.groups.fail(
+        "a",
+        vec![
+            server_error(502),
+            Error::Decode("bad json".into()),
+            Error::Timeout,
+        ],
+    );
+    r.groups.fail("b", vec![rate_limited(ms(2500))]);
+    r.direct
+        .with(|s| s.script.push_back(Err(server_error(500))));
+    r.direct.push(dms(1..=1));
+    r.handle();
+    r.poller.start();
+
+    r.at(10).await;
+    assert_eq!(r.handler.ids(), ["c1"]);
+    assert_eq!(
+        r.poller.status().last_error.as_deref(),
+        Some("group b: HTTP 429: slow down")
+    );
+    r.at(1010).await;
+    assert_eq!(r.handler.ids(), ["c1", "d1"]);
+    assert_eq!(
+        r.poller.status().last_error.as_deref(),
+        Some("group a: invalid response: bad json")
+    );
+    r.at(2010).await;
+    assert_eq!(
+        r.poller.status().last_error.as_deref(),
+        Some("group a: request timed out")
+    );
+    r.at(3010).await;
+    assert_eq!(r.handler.ids(), ["c1", "d1", "a1", "b1"]);
+
+    assert_eq!(r.direct.poll_times(), [0, 1000, 2000, 3000]);
+    assert_eq!(r.groups.request_times("a"), [0, 1000, 2000, 3000]);
+    assert_eq!(
+        r.groups.request_times("b"),
+        [0, 3000],
+        "skipped until Retry-After passed"
+    );
+    assert_eq!(r.groups.request_times("c"), [0, 1000, 2000, 3000]);
+    assert_eq!(r.poller.status().polls, 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rate_limited_direct_track_waits_while_groups_go_on() {
+    let r = Rig::new(&["g"]);
+    r.direct
+        .with(|s| s.script.push_back(Err(rate_limited(ms(2500)))));
+    r.direct.push(dms(1..=1));
+    r.handle();
+    r.poller.start();
+    r.at(4500).await;
+    assert_eq!(r.direct.poll_times(), [0, 3000, 4000]);
+    assert_eq!(r.groups.request_times("g"), [0, 1000, 2000, 3000, 4000]);
+    assert_eq!(r.handler.calls()[0].0, 3000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn malformed_rows_are_counted_once_and_skipped() {
+    let r = Rig::new(&["g"]);
+    let direct_rows = vec![
+        json!({"id": "d1", "content": "ok", "createdAt": stamp(1)}),
+        json!({"content": "no id"}),
+    ];
+    r.direct.with(|s| {
+        s.script.push_back(Ok(Page::from_rows(direct_rows, |v| {
+            message::from_rest_row(v, None)
+        })))
+    });
+    r.groups.add(
+        "g",
+        vec![
+            row("g1", "bob", "@alice fine", 1),
+            json!({"id": "g2", "content": 5}),
+            row("g3", "bob", "@alice also fine", 3),
+        ],
+    );
+    r.handle();
+    r.poller.start();
+    r.at(10).await;
+    assert_eq!(r.handler.ids(), ["d1", "g1", "g3"]);
+    assert_eq!(r.poller.status().malformed, 2);
+    r.at(3010).await;
+    assert_eq!(
+        r.poller.status().malformed,
+        2,
+        "a row already read is not counted again"
+    );
+    assert_eq!(r.handler.count(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn handler_failures_are_counted_and_the_loop_goes_on() {
+    let mut r = Rig::new(&["g"]);
+    r.direct.push(dms(1..=3));
+    r.groups.add("g", mention_rows("g", 1..=1));
+    r.handle_with(Recorder::new().failing(&["d2", "g1"]));
+    r.poller.start();
+    r.at(10).await;
+    let status = r.poller.status();
+    assert_eq!((status.delivered, status.failed), (2, 2));
+    assert_eq!(status.last_error.as_deref(), Some("handler: boom g1"));
+    r.direct.push(dms(4..=4));
+    r.at(1010).await;
+    assert_eq!(r.handler.ids(), strings(&["d1", "d2", "d3", "g1", "d4"]));
+    assert_eq!(r.poller.status().delivered, 3);
+    assert_eq!(r.direct.acked(), names("d", 1..=4));
+}
+
+// ---------------------------------------------------------------------------------------
+// Backpressure
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_handler_bounds_what_is_pulled_and_everything_arrives_once() {
+    let mut r = Rig::new(&["g"]);
+    r.direct.push(dms(1..=3000));
+    r.handle_with(Recorder::new().slow(ms(2)));
+    r.poller.start();
+    let mut most_outstanding = 0;
+    while r.handler.count() < 3000 && r.t0.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(ms(7)).await;
+        most_outstanding = most_outstanding.max(r.direct.served() - r.handler.count());
+    }
+    // The queue holds 4 batches; one more is being delivered and one is waiting to be queued.
+    assert!(
+        most_outstanding <= 6 * DIRECT_PAGE as usize,
+        "{most_outstanding} pulled but not delivered"
+    );
+    assert!(most_outstanding >= DIRECT_PAGE as usize);
+    assert_eq!(r.handler.ids(), names("d", 1..=3000));
+    r.at(7500).await;
+    assert_eq!(r.direct.acked(), names("d", 1..=3000));
+    assert!(r.direct.pending_ids().is_empty());
+    // Catching up the direct backlog does not re-poll the groups: they keep the interval.
+    let group_times = r.groups.request_times("g");
+    assert_eq!(group_times, (0..=7).map(|s| s * 1000).collect::<Vec<_>>());
+}
+
+// ---------------------------------------------------------------------------------------
+// The realtime path
+
+#[tokio::test(start_paused = true)]
+async fn offered_messages_share_dedup_and_wait_for_a_handler() {
+    let r = Rig::new(&[]);
+    assert!(
+        !r.poller.offer(message_with("s0", "early", 1)).await,
+        "not running"
+    );
+    assert_eq!(r.poller.status().seen_count, 0);
+
+    r.poller.start();
+    assert!(r.poller.offer(message_with("s1", "over sse", 1)).await);
+    assert!(r.poller.offer(message_with("s1", "over sse", 1)).await);
+    r.at(5000).await;
+    assert_eq!(r.handler.count(), 0);
+    assert!(r.direct.polls().is_empty());
+
+    // The server still lists s1 for peek; the poll must not deliver it again.
+    r.direct
+        .push(vec![message_with("s1", "over sse", 1), dm(2)]);
+    r.handle();
+    r.at(5010).await;
+    assert_eq!(r.handler.ids(), strings(&["s1", "d2"]));
+    assert!(
+        r.poller.offer(dm(2)).await,
+        "a duplicate is accepted and dropped"
+    );
+    assert!(r.poller.offer(message_with("s3", "over sse", 3)).await);
+    r.at(5020).await;
+    assert_eq!(r.handler.ids(), strings(&["s1", "d2", "s3"]));
+    assert_eq!(r.direct.acked(), ["d2"], "only polled messages are acked");
+
+    r.poller.stop();
+    assert!(!r.poller.offer(message_with("s4", "late", 4)).await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn realtime_slows_direct_polling_only_and_its_loss_polls_at_once() {
+    let r = Rig::with_config(&["g"], |c| c.realtime_slowdown = 3);
+    r.handle();
+    r.poller.start();
+    r.at(500).await;
+    r.poller.set_realtime(true);
+    assert!(r.poller.status().realtime);
+    r.at(8500).await;
+    r.poller.set_realtime(false);
+    assert!(!r.poller.status().realtime);
+    r.at(11_500).await;
+    assert_eq!(r.direct.poll_times(), [0, 4000, 7000, 8500, 10_000, 11_000]);
+    assert_eq!(
+        r.groups.request_times("g"),
+        (0..=11).map(|s| s * 1000).collect::<Vec<_>>()
+    );
+}
