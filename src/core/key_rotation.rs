@@ -1,0 +1,348 @@
+//! Key rotation: check the credential's age, rotate through the registry before it
+//! expires, and hand the new key to every service of the runtime.
+//!
+//! The first check runs [`KeyRotationConfig::first_check`] (5 s) after start, then one every
+//! `check_interval`. A check reads `registry.get(agentId)`: when `now - updatedAt` exceeds
+//! `max_key_age`, it calls `registry.rotateKey(agentId)` and, inside a runtime, gives the
+//! new key to the shared [`Credentials`] (the old one stays a 401 fallback for the
+//! overlap). A registry key that differs from ours (rotated by another process) is adopted
+//! the same way. Failures are logged and counted; the next check tries again.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+use super::clock;
+use super::credentials::{ApiKey, Credentials};
+use super::error::Result;
+use super::task::RunningTask;
+
+/// What the rotation service reads from a registry's credential.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RegistryCredential {
+    pub api_key: Option<String>,
+    pub updated_at: Option<String>,
+}
+
+/// The registry methods the runtime calls (`get`, `rotateKey`).
+pub trait Registry: Send + Sync {
+    fn get(&self, agent_id: &str) -> BoxFuture<'_, Result<Option<RegistryCredential>>>;
+    /// Rotates and returns the new key, when the registry reports one.
+    fn rotate_key(&self, agent_id: &str) -> BoxFuture<'_, Result<Option<String>>>;
+}
+
+#[derive(Clone, Debug)]
+pub struct KeyRotationConfig {
+    pub agent_id: String,
+    pub check_interval: Duration,
+    pub max_key_age: Duration,
+    pub first_check: Duration,
+    /// How long the old key stays a fallback after a hand-over.
+    pub overlap: Duration,
+}
+
+impl KeyRotationConfig {
+    pub fn new(agent_id: impl Into<String>) -> Self {
+        Self {
+            agent_id: agent_id.into(),
+            check_interval: Duration::from_millis(3_600_000),
+            max_key_age: Duration::from_millis(2_592_000_000),
+            first_check: Duration::from_secs(5),
+            overlap: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KeyRotationStatus {
+    pub running: bool,
+    pub last_rotation_at: Option<String>,
+    pub checks: u64,
+    pub rotations: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Default)]
+struct State {
+    last_rotation_at: Mutex<Option<String>>,
+    checks: AtomicU64,
+    rotations: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+pub struct KeyRotation {
+    registry: Arc<dyn Registry>,
+    credentials: Option<Arc<Credentials>>,
+    config: KeyRotationConfig,
+    state: Arc<State>,
+    task: Mutex<Option<RunningTask>>,
+}
+
+impl KeyRotation {
+    /// `credentials`: the runtime's shared key, to receive rotated keys (None standalone).
+    pub fn new(
+        registry: Arc<dyn Registry>,
+        credentials: Option<Arc<Credentials>>,
+        config: KeyRotationConfig,
+    ) -> Self {
+        Self {
+            registry,
+            credentials,
+            config,
+            state: Arc::default(),
+            task: Mutex::new(None),
+        }
+    }
+
+    pub fn start(&self) -> bool {
+        let mut task = lock(&self.task);
+        if task.is_some() {
+            return false;
+        }
+        let check = Check {
+            registry: self.registry.clone(),
+            credentials: self.credentials.clone(),
+            config: self.config.clone(),
+            state: self.state.clone(),
+        };
+        *task = Some(RunningTask::spawn(move |token| run(check, token)));
+        true
+    }
+
+    /// Stops, cancelling the pending first check too.
+    pub fn stop(&self) {
+        if let Some(task) = lock(&self.task).take() {
+            task.stop();
+        }
+    }
+
+    pub fn status(&self) -> KeyRotationStatus {
+        KeyRotationStatus {
+            running: lock(&self.task).is_some(),
+            last_rotation_at: lock(&self.state.last_rotation_at).clone(),
+            checks: self.state.checks.load(Ordering::Relaxed),
+            rotations: self.state.rotations.load(Ordering::Relaxed),
+            last_error: lock(&self.state.last_error).clone(),
+        }
+    }
+}
+
+impl Drop for KeyRotation {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Check {
+    registry: Arc<dyn Registry>,
+    credentials: Option<Arc<Credentials>>,
+    config: KeyRotationConfig,
+    state: Arc<State>,
+}
+
+async fn run(check: Check, token: CancellationToken) {
+    tokio::select! {
+        _ = token.cancelled() => return,
+        _ = tokio::time::sleep(check.config.first_check) => {}
+    }
+    let mut ticks = tokio::time::interval(check.config.check_interval);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let outcome = tokio::select! {
+            _ = token.cancelled() => return,
+            outcome = check.once() => outcome,
+        };
+        if let Err(err) = outcome {
+            tracing::warn!(error = %err, "key rotation check failed");
+            *lock(&check.state.last_error) = Some(err.to_string());
+        }
+    }
+}
+
+impl Check {
+    async fn once(&self) -> Result<()> {
+        self.state.checks.fetch_add(1, Ordering::Relaxed);
+        let agent = &self.config.agent_id;
+        let Some(credential) = self.registry.get(agent).await? else {
+            return Ok(());
+        };
+        if let (Some(shared), Some(key)) = (&self.credentials, &credential.api_key)
+            && !key.is_empty()
+            && shared.rotate(ApiKey::new(key.as_str()), self.config.overlap)
+        {
+            tracing::info!("adopted the registry's newer API key");
+        }
+        let age_ms = credential
+            .updated_at
+            .as_deref()
+            .and_then(clock::parse_iso_ms)
+            .map(|updated| clock::now_ms() - updated);
+        let too_old = age_ms.is_some_and(|age| age > self.config.max_key_age.as_millis() as i64);
+        if !too_old {
+            return Ok(());
+        }
+        tracing::info!("API key older than the maximum age: rotating");
+        let new_key = self.registry.rotate_key(agent).await?;
+        *lock(&self.state.last_rotation_at) = Some(clock::now_iso());
+        self.state.rotations.fetch_add(1, Ordering::Relaxed);
+        match (new_key, &self.credentials) {
+            (Some(key), Some(shared)) if !key.is_empty() => {
+                shared.rotate(ApiKey::new(key), self.config.overlap);
+            }
+            (None, Some(_)) => {
+                tracing::warn!("registry.rotateKey gave no newApiKey: the runtime keeps its key")
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::error::Error;
+
+    struct FakeRegistry {
+        credential: Mutex<Option<RegistryCredential>>,
+        gets: AtomicU64,
+        rotations: AtomicU64,
+        fail_get: bool,
+    }
+
+    impl FakeRegistry {
+        fn aged(age: Duration, key: &str) -> Arc<Self> {
+            Arc::new(Self {
+                credential: Mutex::new(Some(RegistryCredential {
+                    api_key: Some(key.into()),
+                    updated_at: Some(clock::format_iso_ms(
+                        clock::now_ms() - age.as_millis() as i64,
+                    )),
+                })),
+                gets: AtomicU64::new(0),
+                rotations: AtomicU64::new(0),
+                fail_get: false,
+            })
+        }
+    }
+
+    impl Registry for FakeRegistry {
+        fn get(&self, _agent: &str) -> BoxFuture<'_, Result<Option<RegistryCredential>>> {
+            self.gets.fetch_add(1, Ordering::Relaxed);
+            let answer = if self.fail_get {
+                Err(Error::Js("boom".into()))
+            } else {
+                Ok(lock(&self.credential).clone())
+            };
+            Box::pin(async move { answer })
+        }
+        fn rotate_key(&self, _agent: &str) -> BoxFuture<'_, Result<Option<String>>> {
+            let n = self.rotations.fetch_add(1, Ordering::Relaxed) + 1;
+            let key = format!("key-{n}");
+            *lock(&self.credential) = Some(RegistryCredential {
+                api_key: Some(key.clone()),
+                updated_at: Some(clock::now_iso()),
+            });
+            Box::pin(async move { Ok(Some(key)) })
+        }
+    }
+
+    fn config(max_age: Duration) -> KeyRotationConfig {
+        KeyRotationConfig {
+            max_key_age: max_age,
+            check_interval: Duration::from_secs(60),
+            ..KeyRotationConfig::new("alice")
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_check_after_five_seconds_then_every_interval() {
+        let registry = FakeRegistry::aged(Duration::from_secs(1), "key-0");
+        let service = KeyRotation::new(registry.clone(), None, config(Duration::from_secs(3600)));
+        service.start();
+        tokio::time::sleep(Duration::from_millis(4900)).await;
+        assert_eq!(registry.gets.load(Ordering::Relaxed), 0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(registry.gets.load(Ordering::Relaxed), 1);
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert_eq!(registry.gets.load(Ordering::Relaxed), 3);
+        assert_eq!(
+            registry.rotations.load(Ordering::Relaxed),
+            0,
+            "young key kept"
+        );
+        assert_eq!(service.status().last_rotation_at, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stop_cancels_the_pending_first_check() {
+        let registry = FakeRegistry::aged(Duration::from_secs(1), "key-0");
+        let service = KeyRotation::new(registry.clone(), None, config(Duration::from_secs(3600)));
+        service.start();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        service.stop();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(registry.gets.load(Ordering::Relaxed), 0);
+        assert!(!service.status().running);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn old_key_rotates_and_reaches_the_shared_credentials() {
+        let registry = FakeRegistry::aged(Duration::from_secs(7200), "key-0");
+        let shared = Credentials::new("alice", ApiKey::new("key-0"));
+        let service = KeyRotation::new(
+            registry.clone(),
+            Some(shared.clone()),
+            config(Duration::from_secs(3600)),
+        );
+        service.start();
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(registry.rotations.load(Ordering::Relaxed), 1);
+        assert_eq!(shared.current().expose(), "key-1");
+        let status = service.status();
+        assert!(clock::parse_iso_ms(status.last_rotation_at.as_deref().unwrap()).is_some());
+        // The fresh key is young: no second rotation.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert_eq!(registry.rotations.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adopts_a_key_rotated_elsewhere_and_survives_failures() {
+        let registry = FakeRegistry::aged(Duration::from_secs(1), "rotated-by-cli");
+        let shared = Credentials::new("alice", ApiKey::new("key-0"));
+        let service = KeyRotation::new(
+            registry.clone(),
+            Some(shared.clone()),
+            config(Duration::from_secs(3600)),
+        );
+        service.start();
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(shared.current().expose(), "rotated-by-cli");
+
+        let failing = Arc::new(FakeRegistry {
+            fail_get: true,
+            ..Arc::into_inner(FakeRegistry::aged(Duration::ZERO, "k")).unwrap()
+        });
+        let service = KeyRotation::new(failing.clone(), None, config(Duration::from_secs(3600)));
+        service.start();
+        tokio::time::sleep(Duration::from_secs(70)).await;
+        assert_eq!(
+            failing.gets.load(Ordering::Relaxed),
+            2,
+            "kept checking after a failure"
+        );
+        assert!(service.status().last_error.unwrap().contains("boom"));
+    }
+}
