@@ -1,0 +1,32 @@
+//! The runtime's core: services, transports and the pure logic they share. No Node-API here.
+//!
+//! - [`message`], [`mention`], [`dedup`], [`backoff`], [`clock`]: pure functions and small
+//!   data structures, each with table-driven tests.
+//! - [`credentials`]: the agent's identity and API key(s), shared by every service of a
+//!   runtime so that a rotated key reaches all of them at once.
+//! - [`signaldock`]: the REST client (auth headers, timeouts, 401 retry with the other key,
+//!   `Retry-After`, base-URL failover, encoded path segments).
+//! - [`local`]: the local SignalDock transport (`signaldock.db`, shared with other
+//!   processes), with a commit watcher for realtime delivery.
+//! - [`transport`]: the traits a service needs from a message source or sink, so a JS
+//!   object, a native transport and a test fake are interchangeable.
+//! - One module per service: [`poller`], [`heartbeat`], [`key_rotation`], [`sse`].
+//! - [`task`]: a running loop's cancellation token and join handle.
+
+pub mod backoff;
+pub mod clock;
+pub mod credentials;
+pub mod dedup;
+pub mod delivery;
+pub mod error;
+pub mod heartbeat;
+pub mod key_rotation;
+pub mod local;
+pub mod mention;
+pub mod message;
+pub mod poller;
+
+pub mod signaldock;
+pub mod sse;
+pub mod task;
+pub mod transport;
