@@ -1,0 +1,358 @@
+// Type declarations for @cleocode/runtime, the native daemon layer for resident CLEO agents.
+// Written by hand (not generated) because the contract includes the shared types of
+// @cleocode/contracts, which callers implement themselves: TypeScript is structural, so a
+// caller's own Transport or AgentRegistryAPI class type-checks wherever one is expected.
+
+// ---------------------------------------------------------------------------------------
+// Shared contract types (compatible with @cleocode/contracts)
+// ---------------------------------------------------------------------------------------
+
+/** A message as handlers receive it. */
+export interface ConduitMessage {
+  /** Server-assigned message id; a message is delivered to the handler once per id. */
+  id: string;
+  /** Sender's agent id (`'unknown'` when the server did not say). */
+  from: string;
+  /** Message text. */
+  content: string;
+  /** Free-form labels, when the transport supplies them. */
+  tags?: string[];
+  /** Conversation the message belongs to (for a group mention, the group's id by default). */
+  threadId?: string;
+  /** Group conversation the message was read from, for group @mentions. */
+  groupId?: string;
+  /** When the message was created, ISO 8601. */
+  timestamp: string;
+  /** Extra data the server attached. */
+  metadata?: Record<string, unknown>;
+}
+
+/** Transport settings stored with a credential. */
+export interface TransportConfig {
+  /** Poll interval for this agent, used when RuntimeConfig.pollIntervalMs is not given. */
+  pollIntervalMs?: number;
+  /** Absolute URL of the SSE stream; its presence enables the realtime path. */
+  sseEndpoint?: string;
+  /** WebSocket URL (reserved; not used by this runtime). */
+  wsUrl?: string;
+  /** Alternative poll endpoint (reserved; not used by this runtime). */
+  pollEndpoint?: string;
+  /** Second SignalDock base URL to fail over to when the first cannot be reached. */
+  apiBaseUrlFallback?: string;
+}
+
+/** What `Transport.connect()` receives. */
+export interface TransportConnectConfig extends TransportConfig {
+  /** The agent this connection acts as. */
+  agentId: string;
+  /** The agent's API key (sent only in the Authorization header). */
+  apiKey: string;
+  /** SignalDock base URL, e.g. `https://api.signaldock.io`, or `local`. */
+  apiBaseUrl: string;
+}
+
+/** Something that carries messages: HTTP, SSE, the local signaldock.db, or your own. */
+export interface Transport {
+  /** Short name: `'http'`, `'sse'`, `'local'`, or your own. */
+  readonly name: string;
+  /** Opens the transport. */
+  connect(config: TransportConnectConfig): Promise<void>;
+  /** Closes the transport. */
+  disconnect(): Promise<void>;
+  /** Sends a message to an agent, or to a conversation when `options.conversationId` is set. */
+  push(
+    to: string,
+    content: string,
+    options?: { conversationId?: string; replyTo?: string },
+  ): Promise<{ messageId: string }>;
+  /** Pending messages for this agent, oldest first. */
+  poll(options?: { limit?: number; since?: string }): Promise<ConduitMessage[]>;
+  /** Marks messages handled so they are not offered again. */
+  ack(messageIds: string[]): Promise<void>;
+  /** Realtime delivery, when the transport has it; returns an unsubscribe function. */
+  subscribe?(handler: (message: ConduitMessage) => void): () => void;
+}
+
+/** An agent's stored credential. */
+export interface AgentCredential {
+  /** Agent id. */
+  agentId: string;
+  /** Human-readable name. */
+  displayName: string;
+  /** API key for SignalDock. */
+  apiKey: string;
+  /** SignalDock base URL (`http…`), or `local` for the embedded signaldock.db. */
+  apiBaseUrl: string;
+  /** Optional classification label. */
+  classification?: string;
+  /** Who may discover the agent. */
+  privacyTier: 'public' | 'discoverable' | 'private';
+  /** Declared capabilities. */
+  capabilities: string[];
+  /** Declared skills. */
+  skills: string[];
+  /** Preferred transport. */
+  transportType: 'http' | 'sse' | 'websocket';
+  /** Transport settings. */
+  transportConfig: TransportConfig;
+  /** Whether this is an active credential. */
+  isActive: boolean;
+  /** Last use, ISO 8601. */
+  lastUsedAt?: string;
+  /** Creation time, ISO 8601. */
+  createdAt: string;
+  /** Last update (the key's age is measured from here), ISO 8601. */
+  updatedAt: string;
+}
+
+/** The credential store. The runtime calls `get`, `getActive` and `rotateKey`. */
+export interface AgentRegistryAPI {
+  /** Stores a new credential. */
+  register(credential: Omit<AgentCredential, 'createdAt' | 'updatedAt'>): Promise<AgentCredential>;
+  /** The credential of `agentId`, or null. */
+  get(agentId: string): Promise<AgentCredential | null>;
+  /** All credentials, optionally only active ones. */
+  list(filter?: { active?: boolean }): Promise<AgentCredential[]>;
+  /** Updates a credential. */
+  update(agentId: string, updates: Partial<Omit<AgentCredential, 'agentId' | 'createdAt'>>): Promise<AgentCredential>;
+  /** Deletes a credential. */
+  remove(agentId: string): Promise<void>;
+  /** Issues a new API key for `agentId`. */
+  rotateKey(agentId: string): Promise<{ agentId: string; newApiKey: string }>;
+  /** The active credential, or null. */
+  getActive(): Promise<AgentCredential | null>;
+  /** Records that `agentId` was used. */
+  markUsed(agentId: string): Promise<void>;
+}
+
+// ---------------------------------------------------------------------------------------
+// Package types
+// ---------------------------------------------------------------------------------------
+
+/** Receives each message once. May be async: the next message waits for it to settle. A
+ * handler that throws or rejects is reported and counted; the loop goes on. */
+export type MessageHandler = (message: ConduitMessage) => void;
+/** Receives each message pushed over SSE. */
+export type SseMessageHandler = (message: ConduitMessage) => void;
+
+/** `createRuntime` options. */
+export interface RuntimeConfig {
+  /** Which agent; default `registry.getActive()`. */
+  agentId?: string;
+  /** Poll interval; default the credential's `transportConfig.pollIntervalMs`, else 5000. */
+  pollIntervalMs?: number;
+  /** Group conversations to watch for @mentions. */
+  groupConversationIds?: string[];
+  /** Recent messages read per group per poll; default 15. */
+  groupPollLimit?: number;
+  /** Heartbeat interval; default 30000; 0 disables the heartbeat. */
+  heartbeatIntervalMs?: number;
+  /** Rotate the key when older than this; default 30 days; 0 disables rotation. */
+  maxKeyAgeMs?: number;
+  /** SSE stream URL; default the credential's `transportConfig.sseEndpoint`. */
+  sseEndpoint?: string;
+  /** Builds the SSE transport; without it the native one is used. */
+  createSseTransport?: () => Transport;
+  /** A transport not yet connected; createRuntime connects it. Default: resolved natively. */
+  transport?: Transport;
+}
+
+/** What `createRuntime` resolves to. */
+export interface RuntimeHandle {
+  /** The poller: register the handler with `poller.onMessage`. */
+  poller: AgentPoller;
+  /** The heartbeat, or null when disabled. */
+  heartbeat: HeartbeatService | null;
+  /** Key rotation, or null when disabled. */
+  keyRotation: KeyRotationService | null;
+  /** The SSE connection, or null when no SSE endpoint is known. */
+  sseConnection: SseConnectionService | null;
+  /** The transport in use (the caller's own when one was given). */
+  transport: Transport;
+  /** The agent this runtime runs as. */
+  agentId: string;
+  /** Stops everything (SSE, heartbeat, key rotation, poller, transport); never throws.
+   * Afterwards the process may exit by itself. */
+  stop: () => void;
+}
+
+/** `new AgentPoller(config)`. */
+export interface AgentPollerConfig {
+  /** The agent to poll for. */
+  agentId: string;
+  /** Its API key. */
+  apiKey: string;
+  /** SignalDock base URL (required to be http(s) without a transport or with groups). */
+  apiBaseUrl: string;
+  /** Interval between poll cycles; default 5000. */
+  pollIntervalMs?: number;
+  /** Group conversations to watch for @mentions. */
+  groupConversationIds?: string[];
+  /** Recent messages read per group per poll; default 15. */
+  groupPollLimit?: number;
+  /** Direct messages come from `transport.poll()` when given, else the SignalDock peek. */
+  transport?: Transport;
+}
+
+/** `new HeartbeatService(config)`. */
+export interface HeartbeatConfig {
+  /** The agent reporting presence. */
+  agentId: string;
+  /** Its API key. */
+  apiKey: string;
+  /** SignalDock base URL. */
+  apiBaseUrl: string;
+  /** Interval between beats; default 30000. */
+  intervalMs?: number;
+}
+
+/** `new KeyRotationService(config)`. */
+export interface KeyRotationConfig {
+  /** The agent whose key rotates. */
+  agentId: string;
+  /** Where credentials live; `get` and `rotateKey` are called. */
+  registry: Pick<AgentRegistryAPI, 'get' | 'rotateKey'>;
+  /** Interval between checks; default 3600000 (1 h). The first check is 5 s after start. */
+  checkIntervalMs?: number;
+  /** Rotate when the key is older than this; default 2592000000 (30 days). */
+  maxKeyAgeMs?: number;
+}
+
+/** `new SseConnectionService(config)`. */
+export interface SseConnectionConfig {
+  /** The agent receiving messages. */
+  agentId: string;
+  /** Its API key. */
+  apiKey: string;
+  /** SignalDock base URL. */
+  apiBaseUrl: string;
+  /** SSE stream URL. */
+  sseEndpoint?: string;
+  /** The transport to connect and subscribe to. */
+  transport: Transport;
+}
+
+/** `AgentPoller.status()`. */
+export interface AgentPollerStatus {
+  /** Whether the poller is started. */
+  running: boolean;
+  /** Message ids remembered for dedup. */
+  seenCount: number;
+  /** Handler calls that settled successfully. */
+  delivered: number;
+  /** Handler calls that threw or rejected. */
+  failed: number;
+  /** Rows skipped because they could not be mapped to a message. */
+  malformed: number;
+  /** Poll cycles run. */
+  polls: number;
+  /** When the last cycle ran, ISO 8601. */
+  lastPollAt?: string;
+  /** The last failure (a track, an ack or a handler), without secrets. */
+  lastError?: string;
+  /** Whether the realtime path (SSE) is up, slowing direct polling. */
+  realtime: boolean;
+  /** Handled direct messages whose ack is still to be sent. */
+  pendingAcks: number;
+}
+
+/** Polls SignalDock for direct messages and group @mentions. */
+export declare class AgentPoller {
+  constructor(config: AgentPollerConfig);
+  /** Sets THE handler (a second call replaces the first). */
+  onMessage(handler: MessageHandler | ((message: ConduitMessage) => Promise<void>)): void;
+  /** Starts polling: one cycle now, then one every `pollIntervalMs`. Idempotent. */
+  start(): void;
+  /** Stops at once. Idempotent; no handler call after it returns. */
+  stop(): void;
+  /** Counters and state. */
+  status(): AgentPollerStatus;
+}
+
+/** `HeartbeatService.status()`. */
+export interface HeartbeatStatus {
+  /** Whether the service is started. */
+  running: boolean;
+  /** Failed beats since the last successful one. */
+  consecutiveFailures: number;
+  /** Beats sent. */
+  beats: number;
+  /** The last failure. */
+  lastError?: string;
+}
+
+/** Reports presence with `POST /agents/{id}/heartbeat`. */
+export declare class HeartbeatService {
+  constructor(config: HeartbeatConfig);
+  /** One beat now, then one per interval; resets the failure count. Idempotent. */
+  start(): void;
+  /** Stops. Idempotent. */
+  stop(): void;
+  /** Counters and state. */
+  status(): HeartbeatStatus;
+}
+
+/** `KeyRotationService.status()`. */
+export interface KeyRotationStatus {
+  /** Whether the service is started. */
+  running: boolean;
+  /** When this service last rotated the key, ISO 8601, or null. */
+  lastRotationAt: string | null;
+  /** Checks run. */
+  checks: number;
+  /** Rotations done. */
+  rotations: number;
+  /** The last failure. */
+  lastError?: string;
+}
+
+/** Rotates the API key before it expires. */
+export declare class KeyRotationService {
+  constructor(config: KeyRotationConfig);
+  /** First check 5 s from now, then every `checkIntervalMs`. Idempotent. */
+  start(): void;
+  /** Stops, including a pending first check. Idempotent. */
+  stop(): void;
+  /** Counters and state. */
+  status(): KeyRotationStatus;
+}
+
+/** `SseConnectionService.status()`. */
+export interface SseConnectionStatus {
+  /** Whether the service is started. */
+  running: boolean;
+  /** The transport's name. */
+  transportName: string;
+}
+
+/** Keeps a transport's realtime subscription and forwards its messages to a handler. */
+export declare class SseConnectionService {
+  constructor(config: SseConnectionConfig);
+  /** Sets the handler (also after start). */
+  onMessage(handler: SseMessageHandler): void;
+  /** Connects the transport and subscribes. Idempotent. */
+  start(): Promise<void>;
+  /** Unsubscribes and disconnects. */
+  stop(): Promise<void>;
+  /** State. */
+  status(): SseConnectionStatus;
+}
+
+/** SignalDock REST as a Transport (push, peek-based poll, ack), with base-URL failover. */
+export declare class HttpTransport implements Transport {
+  constructor();
+  readonly name: 'http';
+  connect(config: TransportConnectConfig): Promise<void>;
+  disconnect(): Promise<void>;
+  push(to: string, content: string, options?: { conversationId?: string; replyTo?: string }): Promise<{ messageId: string }>;
+  poll(options?: { limit?: number; since?: string }): Promise<ConduitMessage[]>;
+  ack(messageIds: string[]): Promise<void>;
+}
+
+/** The registry methods the runtime calls; any full AgentRegistryAPI fits. */
+export type RuntimeRegistry = Pick<AgentRegistryAPI, 'get' | 'getActive' | 'rotateKey'>;
+
+/** Starts a resident agent runtime for the registry's (active or named) agent: resolves the
+ * credential, connects the transport, starts polling (handler-less until `onMessage`), the
+ * heartbeat, key rotation and the SSE path. */
+export declare function createRuntime(registry: RuntimeRegistry, config?: RuntimeConfig): Promise<RuntimeHandle>;

@@ -1,0 +1,101 @@
+//! `HeartbeatService`: the JS class over [`crate::core::heartbeat::Heartbeat`].
+
+use std::sync::{Arc, Mutex};
+
+use napi::Env;
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+
+use super::config::Fields;
+use super::js::KeepAlive;
+use super::runtime_context;
+use crate::core::credentials::{ApiKey, Credentials};
+use crate::core::heartbeat::{DEFAULT_INTERVAL, Heartbeat};
+use crate::core::signaldock::SignalDock;
+
+#[napi(object, js_name = "HeartbeatStatus")]
+pub struct JsHeartbeatStatus {
+    pub running: bool,
+    pub consecutive_failures: u32,
+    pub beats: f64,
+    pub last_error: Option<String>,
+}
+
+pub struct HeartbeatCore {
+    pub core: Heartbeat,
+    live: Mutex<Option<KeepAlive>>,
+}
+
+impl HeartbeatCore {
+    pub fn new(
+        credentials: Arc<Credentials>,
+        api_base_url: &str,
+        interval: std::time::Duration,
+    ) -> Result<Arc<Self>> {
+        let client = SignalDock::new(credentials, api_base_url, None)
+            .map_err(|e| Error::new(Status::InvalidArg, e.to_string()))?;
+        Ok(Arc::new(Self {
+            core: Heartbeat::new(Arc::new(client), interval),
+            live: Mutex::new(None),
+        }))
+    }
+
+    pub fn start(&self, env: &Env) -> Result<()> {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if runtime_context(|| self.core.start()) {
+            *live = Some(KeepAlive::new(env)?);
+        }
+        Ok(())
+    }
+
+    pub fn stop(&self) {
+        self.core.stop();
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+/// Reports presence: `POST /agents/{agentId}/heartbeat` at once, then every `intervalMs`.
+#[napi(js_name = "HeartbeatService")]
+pub struct HeartbeatService {
+    pub(crate) inner: Arc<HeartbeatCore>,
+}
+
+#[napi]
+impl HeartbeatService {
+    #[napi(constructor)]
+    pub fn new(env: Env, config: Unknown) -> Result<Self> {
+        let fields = Fields::new(&env, "HeartbeatService", Some(config), false)?;
+        let agent_id = fields.required_string("agentId")?;
+        let api_key = fields.required_string("apiKey")?;
+        let api_base_url = fields.url("apiBaseUrl", true)?.unwrap_or_default();
+        let interval = fields
+            .positive_ms("intervalMs")?
+            .unwrap_or(DEFAULT_INTERVAL);
+        let credentials = Credentials::new(agent_id, ApiKey::new(api_key));
+        Ok(Self {
+            inner: HeartbeatCore::new(credentials, &api_base_url, interval)?,
+        })
+    }
+
+    /// Starts beating; idempotent; resets the failure count.
+    #[napi]
+    pub fn start(&self, env: Env) -> Result<()> {
+        self.inner.start(&env)
+    }
+
+    #[napi]
+    pub fn stop(&self) {
+        self.inner.stop();
+    }
+
+    #[napi]
+    pub fn status(&self) -> JsHeartbeatStatus {
+        let s = self.inner.core.status();
+        JsHeartbeatStatus {
+            running: s.running,
+            consecutive_failures: s.consecutive_failures,
+            beats: s.beats as f64,
+            last_error: s.last_error,
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! `KeyRotationService`: the JS class over [`crate::core::key_rotation::KeyRotation`].
+
+use std::sync::{Arc, Mutex};
+
+use napi::Env;
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+
+use super::adapters::JsRegistry;
+use super::config::Fields;
+use super::js::{JsThread, KeepAlive};
+use super::runtime_context;
+use crate::core::credentials::Credentials;
+use crate::core::key_rotation::{KeyRotation, KeyRotationConfig};
+
+#[napi(object, js_name = "KeyRotationStatus")]
+pub struct JsKeyRotationStatus {
+    pub running: bool,
+    #[napi(ts_type = "string | null")]
+    pub last_rotation_at: Either<String, Null>,
+    pub checks: f64,
+    pub rotations: f64,
+    pub last_error: Option<String>,
+}
+
+pub struct KeyRotationCore {
+    pub core: KeyRotation,
+    live: Mutex<Option<KeepAlive>>,
+}
+
+impl KeyRotationCore {
+    pub fn new(
+        registry: Arc<JsRegistry>,
+        credentials: Option<Arc<Credentials>>,
+        config: KeyRotationConfig,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            core: KeyRotation::new(registry, credentials, config),
+            live: Mutex::new(None),
+        })
+    }
+
+    pub fn start(&self, env: &Env) -> Result<()> {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if runtime_context(|| self.core.start()) {
+            *live = Some(KeepAlive::new(env)?);
+        }
+        Ok(())
+    }
+
+    pub fn stop(&self) {
+        self.core.stop();
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+/// Rotates the agent's API key through the registry before it gets older than `maxKeyAgeMs`.
+#[napi(js_name = "KeyRotationService")]
+pub struct KeyRotationService {
+    pub(crate) inner: Arc<KeyRotationCore>,
+}
+
+#[napi]
+impl KeyRotationService {
+    #[napi(constructor)]
+    pub fn new(env: Env, config: Unknown) -> Result<Self> {
+        let fields = Fields::new(&env, "KeyRotationService", Some(config), false)?;
+        let agent_id = fields.required_string("agentId")?;
+        let registry = fields
+            .object_with("registry", &["get", "rotateKey"])?
+            .ok_or_else(|| {
+                super::js::type_error(
+                    &env,
+                    "KeyRotationService: config.registry must be an object with get(), rotateKey()",
+                )
+            })?;
+        let mut config = KeyRotationConfig::new(agent_id);
+        if let Some(every) = fields.positive_ms("checkIntervalMs")? {
+            config.check_interval = every;
+        }
+        if let Some(age) = fields.positive_ms("maxKeyAgeMs")? {
+            config.max_key_age = age;
+        }
+        let registry = Arc::new(JsRegistry::new(&registry, JsThread::new(&env)?)?);
+        Ok(Self {
+            inner: KeyRotationCore::new(registry, None, config),
+        })
+    }
+
+    /// Starts checking: the first check 5 s from now, then every `checkIntervalMs`.
+    #[napi]
+    pub fn start(&self, env: Env) -> Result<()> {
+        self.inner.start(&env)
+    }
+
+    /// Stops, including a first check still pending.
+    #[napi]
+    pub fn stop(&self) {
+        self.inner.stop();
+    }
+
+    #[napi]
+    pub fn status(&self) -> JsKeyRotationStatus {
+        let s = self.inner.core.status();
+        JsKeyRotationStatus {
+            running: s.running,
+            last_rotation_at: match s.last_rotation_at {
+                Some(at) => Either::A(at),
+                None => Either::B(Null),
+            },
+            checks: s.checks as f64,
+            rotations: s.rotations as f64,
+            last_error: s.last_error,
+        }
+    }
+}

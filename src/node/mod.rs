@@ -1,0 +1,29 @@
+//! The Node-API boundary: one file per exported class, thin over [`crate::core`].
+//!
+//! - [`js`]: calling JS from tokio (the job queue, keep-alive, promises, lenient values).
+//! - [`config`]: reading config objects with `TypeError`s that name the field.
+//! - [`adapters`]: JS handler, transport and registry objects as core traits.
+//! - [`poller`], [`heartbeat`], [`key_rotation`]: the exported service classes.
+//! - [`runtime`]: `createRuntime`, wiring the services around one shared credential.
+//! - [`transports`]: the native transports as JS classes.
+
+mod adapters;
+mod config;
+mod heartbeat;
+mod js;
+mod key_rotation;
+mod poller;
+mod runtime;
+mod transports;
+
+use napi_derive::module_init;
+
+#[module_init]
+fn init() {
+    crate::logging::init();
+}
+
+/// Runs `f` inside napi's tokio runtime, so it may spawn tasks.
+pub(crate) fn runtime_context<T>(f: impl FnOnce() -> T) -> T {
+    napi::bindgen_prelude::within_runtime_if_available(f)
+}

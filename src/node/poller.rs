@@ -1,0 +1,233 @@
+//! `AgentPoller`: the JS class over [`crate::core::poller::Poller`].
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use napi::Env;
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+
+use super::adapters::{HandlerRef, JsHandler, JsMessage, JsTransport};
+use super::config::Fields;
+use super::js::{JsThread, KeepAlive, type_error};
+use super::runtime_context;
+use crate::core::credentials::{ApiKey, Credentials};
+use crate::core::poller::{Poller, PollerConfig, PollerStatus};
+use crate::core::signaldock::SignalDock;
+use crate::core::transport::{DirectSource, GroupFeed, PeekSource};
+
+/// What `status()` returns.
+#[napi(object, js_name = "AgentPollerStatus")]
+pub struct JsPollerStatus {
+    pub running: bool,
+    pub seen_count: u32,
+    pub delivered: f64,
+    pub failed: f64,
+    pub malformed: f64,
+    pub polls: f64,
+    pub last_poll_at: Option<String>,
+    pub last_error: Option<String>,
+    pub realtime: bool,
+    pub pending_acks: u32,
+}
+
+impl From<PollerStatus> for JsPollerStatus {
+    fn from(s: PollerStatus) -> Self {
+        Self {
+            running: s.running,
+            seen_count: s.seen_count as u32,
+            delivered: s.delivered as f64,
+            failed: s.failed as f64,
+            malformed: s.malformed as f64,
+            polls: s.polls as f64,
+            last_poll_at: s.last_poll_at,
+            last_error: s.last_error,
+            realtime: s.realtime,
+            pending_acks: s.pending_acks as u32,
+        }
+    }
+}
+
+/// Where the direct track reads from, kept so `stop()` can ack what was handled.
+pub enum DirectPath {
+    Js(Arc<JsTransport>),
+    Native(Arc<dyn DirectSource>),
+}
+
+/// The poller and what its JS class holds on to.
+pub struct PollerCore {
+    pub core: Poller,
+    direct: DirectPath,
+    js: JsThread,
+    live: Mutex<Option<KeepAlive>>,
+}
+
+/// Settings for building a poller, from a JS config or from `createRuntime`.
+pub struct PollerSettings {
+    pub config: PollerConfig,
+    pub credentials: Arc<Credentials>,
+    pub api_base_url: String,
+    pub direct: Option<DirectPath>,
+}
+
+impl PollerCore {
+    pub fn build(env: &Env, settings: PollerSettings) -> Result<Arc<Self>> {
+        let js = JsThread::new(env)?;
+        let PollerSettings {
+            config,
+            credentials,
+            api_base_url,
+            direct,
+        } = settings;
+        let rest = || {
+            SignalDock::new(credentials.clone(), &api_base_url, None)
+                .map(Arc::new)
+                .map_err(|e| Error::new(Status::InvalidArg, e.to_string()))
+        };
+        let groups: Option<Arc<dyn GroupFeed>> = if config.group_conversation_ids.is_empty() {
+            None
+        } else {
+            Some(rest()?)
+        };
+        let direct = match direct {
+            Some(direct) => direct,
+            None => DirectPath::Native(Arc::new(PeekSource::new(rest()?))),
+        };
+        let source: Arc<dyn DirectSource> = match &direct {
+            DirectPath::Js(t) => t.clone(),
+            DirectPath::Native(s) => s.clone(),
+        };
+        Ok(Arc::new(Self {
+            core: Poller::new(config, source, groups),
+            direct,
+            js,
+            live: Mutex::new(None),
+        }))
+    }
+
+    pub fn set_handler(&self, function: HandlerRef) {
+        self.core
+            .set_handler(Arc::new(JsHandler::new(function, self.js.clone())));
+    }
+
+    pub fn start(&self, env: &Env) -> Result<()> {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if runtime_context(|| self.core.start()) {
+            *live = Some(KeepAlive::new(env)?);
+        }
+        Ok(())
+    }
+
+    /// Stops at once; what was handled but not yet acked is acked on the way out (through
+    /// the JS transport right here, so no transport call happens after `stop()` returns).
+    pub fn stop(&self, env: &Env) {
+        let handled = self.core.stop();
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if handled.is_empty() {
+            return;
+        }
+        match &self.direct {
+            DirectPath::Js(transport) => {
+                if let Err(e) = transport.ack_now(env, handled) {
+                    tracing::warn!(error = %e, "final ack on stop failed");
+                }
+            }
+            DirectPath::Native(source) => {
+                let source = source.clone();
+                runtime_context(|| {
+                    tokio::spawn(async move {
+                        let ack = tokio::time::timeout(Duration::from_secs(5), source.ack(handled));
+                        if !matches!(ack.await, Ok(Ok(()))) {
+                            tracing::warn!(
+                                "final ack on stop failed; those messages may be offered again"
+                            );
+                        }
+                    })
+                });
+            }
+        }
+    }
+}
+
+/// Polls SignalDock for direct messages and group @mentions and hands each message, once,
+/// to the handler set with `onMessage`.
+#[napi(js_name = "AgentPoller")]
+pub struct AgentPoller {
+    pub(crate) inner: Arc<PollerCore>,
+}
+
+#[napi]
+impl AgentPoller {
+    #[napi(constructor)]
+    pub fn new(env: Env, config: Unknown) -> Result<Self> {
+        let fields = Fields::new(&env, "AgentPoller", Some(config), false)?;
+        let agent_id = fields.required_string("agentId")?;
+        let api_key = fields.required_string("apiKey")?;
+        let transport = fields.object_with("transport", &["poll"])?;
+        let groups = fields
+            .string_array("groupConversationIds")?
+            .unwrap_or_default();
+        // A base URL is needed for REST calls: always without a transport, and for groups.
+        let needs_rest = transport.is_none() || !groups.is_empty();
+        let api_base_url = match needs_rest {
+            true => fields.url("apiBaseUrl", true)?.unwrap_or_default(),
+            false => fields.required_string("apiBaseUrl")?,
+        };
+        let mut config = PollerConfig::new(&agent_id);
+        config.group_conversation_ids = groups;
+        if let Some(interval) = fields.positive_ms("pollIntervalMs")? {
+            config.poll_interval = interval;
+        }
+        if let Some(limit) = fields.positive_count("groupPollLimit", 1000)? {
+            config.group_poll_limit = limit;
+        }
+        let direct = match transport {
+            Some(object) => Some(DirectPath::Js(Arc::new(JsTransport::new(
+                &object,
+                JsThread::new(&env)?,
+            )?))),
+            None => None,
+        };
+        let settings = PollerSettings {
+            config,
+            credentials: Credentials::new(agent_id, ApiKey::new(api_key)),
+            api_base_url,
+            direct,
+        };
+        Ok(Self {
+            inner: PollerCore::build(&env, settings)?,
+        })
+    }
+
+    /// Sets THE handler; a second call replaces the first.
+    #[napi(ts_args_type = "handler: (message: ConduitMessage) => void | Promise<void>")]
+    pub fn on_message(&self, env: Env, handler: Unknown) -> Result<()> {
+        if handler.get_type()? != ValueType::Function {
+            return Err(type_error(
+                &env,
+                "AgentPoller.onMessage: handler must be a function",
+            ));
+        }
+        let function: Function<JsMessage, Unknown<'static>> =
+            unsafe { Function::from_napi_value(env.raw(), handler.raw())? };
+        self.inner.set_handler(Arc::new(function.create_ref()?));
+        Ok(())
+    }
+
+    /// Starts polling: one cycle now, then one per interval. Idempotent.
+    #[napi]
+    pub fn start(&self, env: Env) -> Result<()> {
+        self.inner.start(&env)
+    }
+
+    /// Stops polling at once. Idempotent; no handler call after it returns.
+    #[napi]
+    pub fn stop(&self, env: Env) {
+        self.inner.stop(&env);
+    }
+
+    #[napi]
+    pub fn status(&self) -> JsPollerStatus {
+        self.inner.core.status().into()
+    }
+}
