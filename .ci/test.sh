@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: install, build, lint, type-check, test.
+# `npm test` runs this; so does CI (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n=== %s\n' "$*"; }
+
+step "npm ci"
+npm ci --no-audit --no-fund
+
+step "native build (release)"
+npm run build
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (core, and with the Node-API boundary)"
+cargo clippy --all-targets -- -D warnings
+cargo clippy --features node -- -D warnings
+
+step "cargo test (core)"
+cargo test
+
+step "tsc --strict on a consumer written like the cleo CLI"
+npx tsc -p __test__/types/tsconfig.json
+
+step "vitest (ESM, through the package entry)"
+npx vitest run
+
+step "jest (CommonJS, through the package entry)"
+npx jest --config __test__/jest/jest.config.cjs
