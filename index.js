@@ -30,4 +30,7 @@ module.exports.createRuntime = createRuntime;
 module.exports.AgentPoller = native.AgentPoller;
 module.exports.HeartbeatService = native.HeartbeatService;
 module.exports.KeyRotationService = native.KeyRotationService;
+module.exports.SseConnectionService = native.SseConnectionService;
 module.exports.HttpTransport = native.HttpTransport;
+module.exports.SseTransport = native.SseTransport;
+module.exports.LocalTransport = native.LocalTransport;

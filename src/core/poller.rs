@@ -19,7 +19,7 @@
 //! group messages).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -118,6 +118,8 @@ struct Shared {
     stats: Stats,
     realtime: watch::Sender<bool>,
     kick: Notify,
+    /// Set by [`Poller::poll_now`]: the next wake-up polls direct messages whatever is due.
+    direct_requested: AtomicBool,
     /// Settled direct-message ids not yet acked, including those of an ack in flight.
     pending_acks: Mutex<Vec<String>>,
     /// One ack request at a time (the delivery loop and the poll loop both flush).
@@ -156,6 +158,7 @@ impl Poller {
                 stats: Stats::default(),
                 realtime: watch::channel(false).0,
                 kick: Notify::new(),
+                direct_requested: AtomicBool::new(false),
                 pending_acks: Mutex::new(Vec::new()),
                 acking: tokio::sync::Mutex::new(()),
                 queue: Mutex::new(None),
@@ -215,6 +218,13 @@ impl Poller {
 
     pub fn is_running(&self) -> bool {
         lock(&self.running).is_some()
+    }
+
+    /// Runs a direct-message poll now (something told us new messages are waiting, such as
+    /// another process committing to `signaldock.db`).
+    pub fn poll_now(&self) {
+        self.shared.direct_requested.store(true, Ordering::Relaxed);
+        self.shared.kick.notify_one();
     }
 
     /// Tells the poller whether the realtime path is up (see the module doc).
@@ -365,6 +375,7 @@ async fn poll_loop(shared: Arc<Shared>, queue: mpsc::Sender<Batch>, token: Cance
         if shared.handler().is_none() {
             continue;
         }
+        let direct_now = direct_now || shared.direct_requested.swap(false, Ordering::Relaxed);
         let run_direct = direct_now || now >= direct_due;
         if run_direct {
             direct_due = now

@@ -164,6 +164,19 @@ impl JsTransport {
         })
     }
 
+    /// The transport's `name`, read when it was adopted.
+    pub fn transport_name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn object(&self) -> &Arc<PersistentObject> {
+        &self.object
+    }
+
+    pub fn js(&self) -> &JsThread {
+        self.object.js()
+    }
+
     /// Calls `ack(ids)` right now, on the JS thread (from `stop()`); a returned promise is
     /// observed, so its rejection is never unhandled.
     pub fn ack_now(&self, env: &Env, ids: Vec<String>) -> Result<()> {

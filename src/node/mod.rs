@@ -5,7 +5,8 @@
 //! - [`adapters`]: JS handler, transport and registry objects as core traits.
 //! - [`poller`], [`heartbeat`], [`key_rotation`]: the exported service classes.
 //! - [`runtime`]: `createRuntime`, wiring the services around one shared credential.
-//! - [`transports`]: the native transports as JS classes.
+//! - [`transports`]: the native HTTP and local transports as JS classes.
+//! - [`sse`]: the native SSE transport and `SseConnectionService`.
 
 mod adapters;
 mod config;
@@ -14,6 +15,7 @@ mod js;
 mod key_rotation;
 mod poller;
 mod runtime;
+mod sse;
 mod transports;
 
 use napi_derive::module_init;

@@ -5,9 +5,11 @@
 //! contract's plain handle object. Validation happens synchronously here, so a bad config is
 //! a `TypeError` (a rejection, through the async JS wrapper) before anything starts.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use napi::Env;
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
@@ -19,12 +21,20 @@ use super::heartbeat::{HeartbeatCore, HeartbeatService};
 use super::js::{JsThread, KeepAlive, type_error};
 use super::key_rotation::{KeyRotationCore, KeyRotationService};
 use super::poller::{AgentPoller, DirectPath, PollerCore, PollerSettings};
-use super::transports::HttpTransport;
+use super::runtime_context;
+use super::sse::{SseConnectionCore, SseConnectionService, SseSource, SseTarget, SseTransport};
+use super::transports::{HttpTransport, LocalTransport, default_local_db_path};
 use crate::core::credentials::{ApiKey, Credentials};
 use crate::core::error::Error as CoreError;
 use crate::core::heartbeat::DEFAULT_INTERVAL;
 use crate::core::key_rotation::KeyRotationConfig;
+use crate::core::local;
+use crate::core::message::ConduitMessage;
 use crate::core::poller::PollerConfig;
+use crate::core::signaldock::SignalDock;
+use crate::core::sse::{SseClient, SseConfig, SseSink, SseState};
+use crate::core::task::RunningTask;
+use crate::core::transport::PeekSource;
 
 /// The exact message callers match on when no credential exists.
 pub const NO_CREDENTIAL: &str =
@@ -39,6 +49,39 @@ struct RuntimeSettings {
     heartbeat_interval: Option<Duration>,
     max_key_age: Option<Duration>,
     transport: Option<Arc<JsTransport>>,
+    sse_endpoint: Option<String>,
+    create_sse_transport: Option<FactoryRef>,
+}
+
+type FactoryRef = Arc<FunctionRef<(), Unknown<'static>>>;
+
+/// Which transport the runtime uses when the caller gives none (WIRE.md, "Transport
+/// resolution").
+#[derive(Debug, PartialEq)]
+enum Resolved {
+    Http,
+    Sse,
+    Local(PathBuf),
+}
+
+fn resolve(
+    api_base_url: &str,
+    sse_endpoint: Option<&str>,
+    has_factory: bool,
+    local_db: PathBuf,
+) -> Resolved {
+    let cloud = api_base_url.starts_with("http");
+    if cloud {
+        if sse_endpoint.is_some() && !has_factory {
+            Resolved::Sse
+        } else {
+            Resolved::Http
+        }
+    } else if local_db.is_file() {
+        Resolved::Local(local_db)
+    } else {
+        Resolved::Http
+    }
 }
 
 /// The credential fields the runtime uses.
@@ -76,6 +119,12 @@ impl Credential {
         (ms.is_finite() && ms > 0.0).then(|| Duration::from_secs_f64(ms / 1000.0))
     }
 
+    fn sse_endpoint(&self) -> Option<&str> {
+        self.transport_config
+            .get("sseEndpoint")
+            .and_then(Value::as_str)
+    }
+
     fn fallback(&self) -> Option<&str> {
         self.transport_config
             .get("apiBaseUrlFallback")
@@ -103,16 +152,24 @@ struct Parts {
     poller: Option<Arc<PollerCore>>,
     heartbeat: Option<Arc<HeartbeatCore>>,
     key_rotation: Option<Arc<KeyRotationCore>>,
+    sse: Option<Arc<SseConnectionCore>>,
     js_transport: Option<Arc<JsTransport>>,
-    http_transport: Option<HttpTransport>,
     http_slot: Option<super::transports::ClientSlot>,
+    local: Option<local::LocalTransport>,
+    /// Tasks that connect the parts: stream state → poller speed, local commits → poll now,
+    /// JS SSE messages → poller.
+    bridges: Vec<RunningTask>,
 }
+
+/// The transport the runtime resolved itself, handed to JS once as `handle.transport`.
+type OwnTransport = Either3<HttpTransport, SseTransport, LocalTransport>;
 
 /// A started runtime (the native half of `RuntimeHandle`).
 #[napi]
 pub struct NativeRuntime {
     agent_id: String,
     parts: Mutex<Parts>,
+    own_transport: Mutex<Option<OwnTransport>>,
     handed: Mutex<Handed>,
     stopped: Mutex<bool>,
 }
@@ -122,6 +179,7 @@ struct Handed {
     poller: bool,
     heartbeat: bool,
     key_rotation: bool,
+    sse: bool,
 }
 
 #[napi]
@@ -163,19 +221,25 @@ impl NativeRuntime {
         })?
     }
 
-    /// The SSE connection service (null until the realtime path is configured).
-    #[napi(ts_return_type = "null")]
-    pub fn take_sse_connection(&self) -> Null {
-        Null
+    /// The SSE connection service, or null when no SSE endpoint is known.
+    #[napi]
+    pub fn take_sse_connection(&self) -> Option<SseConnectionService> {
+        let parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut handed = self.handed.lock().unwrap_or_else(|e| e.into_inner());
+        (!std::mem::replace(&mut handed.sse, true)).then(|| {
+            parts
+                .sse
+                .clone()
+                .map(|inner| SseConnectionService { inner })
+        })?
     }
 
     /// The transport the runtime resolved itself (null when the caller gave one).
-    #[napi]
-    pub fn take_transport(&self) -> Option<HttpTransport> {
-        self.parts
+    #[napi(ts_return_type = "HttpTransport | SseTransport | LocalTransport | null")]
+    pub fn take_transport(&self) -> Option<OwnTransport> {
+        self.own_transport
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .http_transport
             .take()
     }
 
@@ -190,6 +254,22 @@ impl NativeRuntime {
             return;
         }
         let parts = std::mem::take(&mut *self.parts.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Some(sse) = &parts.sse {
+            match sse.stop(&env) {
+                Ok(stopped) => {
+                    runtime_context(|| {
+                        tokio::spawn(async move {
+                            if let Err(e) = stopped.await {
+                                tracing::warn!(error = %super::js::describe(&e), "SSE connection stop failed");
+                            }
+                        })
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %super::js::describe(&e), "SSE connection stop failed")
+                }
+            }
+        }
         if let Some(heartbeat) = &parts.heartbeat {
             heartbeat.stop();
         }
@@ -206,6 +286,12 @@ impl NativeRuntime {
         }
         if let Some(slot) = &parts.http_slot {
             slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
+        if let Some(local) = parts.local {
+            super::runtime_context(|| tokio::spawn(async move { local.disconnect().await }));
+        }
+        for bridge in parts.bridges {
+            bridge.stop();
         }
     }
 }
@@ -259,10 +345,16 @@ pub fn start_runtime<'env>(
         heartbeat_interval: fields.non_negative_ms("heartbeatIntervalMs")?,
         max_key_age,
         transport,
+        sse_endpoint: fields.url("sseEndpoint", false)?,
+        create_sse_transport: match fields.function("createSseTransport")? {
+            Some(f) => {
+                let f: Function<(), Unknown<'static>> =
+                    unsafe { Function::from_napi_value(env.raw(), f.raw())? };
+                Some(Arc::new(f.create_ref()?))
+            }
+            None => None,
+        },
     };
-    // Validated for type now; used by the realtime path.
-    fields.url("sseEndpoint", false)?;
-    fields.function("createSseTransport")?;
     let registry = Arc::new(JsRegistry::new(&registry, js.clone())?);
     // The pending registry and connect calls must not let the process exit under us.
     let keep_alive = KeepAlive::new(env)?;
@@ -291,36 +383,70 @@ async fn build(
         ApiKey::new(credential.api_key.as_str()),
     );
     let scrub = |text: String| credentials.scrub(&text);
+    let fail = |what: &str, e: CoreError| scrub(format!("createRuntime: {what}: {e}"));
 
-    // The transport: the caller's (connected here), else native HTTP.
+    let sse_endpoint = settings
+        .sse_endpoint
+        .clone()
+        .or_else(|| credential.sse_endpoint().map(str::to_owned));
+    // An endpoint is usable when it is absolute, or relative to an http(s) base.
+    let sse_url = match &sse_endpoint {
+        Some(endpoint) => Some(
+            SseConfig::endpoint_url(Some(endpoint), &credential.api_base_url)
+                .map_err(|e| fail("sseEndpoint", e))?,
+        ),
+        None => None,
+    };
+
+    // The transport: the caller's (connected here), else resolved natively.
     let mut parts = Parts::default();
+    let mut own = OwnParts::None;
     let direct = match &settings.transport {
         Some(transport) => {
             transport
                 .connect(credential.connect_config())
                 .await
-                .map_err(|e| scrub(format!("createRuntime: transport.connect() failed: {e}")))?;
+                .map_err(|e| fail("transport.connect() failed", e))?;
             parts.js_transport = Some(transport.clone());
             DirectPath::Js(transport.clone())
         }
         None => {
-            let http = HttpTransport::with_credentials(credentials.clone());
-            http.connect_native(
-                &credential.agent_id,
-                &credential.api_key,
+            let resolved = resolve(
                 &credential.api_base_url,
-                credential.fallback(),
-            )
-            .await
-            .map_err(|e| {
-                scrub(format!(
-                    "createRuntime: HTTP transport failed to connect: {e}"
-                ))
-            })?;
-            let source = http.peek_source().map_err(|e| e.reason.clone())?;
-            parts.http_slot = Some(http.slot());
-            parts.http_transport = Some(http);
-            DirectPath::Native(Arc::new(source))
+                sse_endpoint.as_deref(),
+                settings.create_sse_transport.is_some(),
+                default_local_db_path(),
+            );
+            tracing::debug!(?resolved, "resolved the transport");
+            match resolved {
+                Resolved::Local(path) => {
+                    let local = local::LocalTransport::connect(path, credential.agent_id.clone())
+                        .await
+                        .map_err(|e| fail("local transport failed to connect", e))?;
+                    parts.local = Some(local.clone());
+                    own = OwnParts::Local(local.clone());
+                    DirectPath::Native(Arc::new(local))
+                }
+                Resolved::Http | Resolved::Sse => {
+                    let http = HttpTransport::with_credentials(credentials.clone());
+                    let rest = http
+                        .connect_native(
+                            &credential.agent_id,
+                            &credential.api_key,
+                            &credential.api_base_url,
+                            credential.fallback(),
+                        )
+                        .await
+                        .map_err(|e| fail("HTTP transport failed to connect", e))?;
+                    parts.http_slot = Some(http.slot());
+                    own = if resolved == Resolved::Sse {
+                        OwnParts::Sse(rest.clone())
+                    } else {
+                        OwnParts::Http(http)
+                    };
+                    DirectPath::Native(Arc::new(PeekSource::new(rest)))
+                }
+            }
         }
     };
 
@@ -334,6 +460,12 @@ async fn build(
     if let Some(limit) = settings.group_poll_limit {
         poller_config.group_poll_limit = limit;
     }
+    if !poller_config.group_conversation_ids.is_empty() && !credential.has_rest() {
+        return Err(format!(
+            "createRuntime: group conversations need an http(s) apiBaseUrl, the credential has {:?}",
+            credential.api_base_url
+        ));
+    }
     let heartbeat_interval = match settings.heartbeat_interval {
         Some(Duration::ZERO) => None,
         other => Some(other.unwrap_or(DEFAULT_INTERVAL)),
@@ -345,35 +477,73 @@ async fn build(
             if let Some(age) = other {
                 config.max_key_age = age;
             }
-            // The old key stays a 401 fallback for one poll cycle.
-            config.overlap = poll_interval;
+            // The old key stays a 401 fallback for one full poll cycle after the hand-over:
+            // two intervals plus a second, so the next poll falls inside it whatever the
+            // phase of the rotation check against the poll schedule.
+            config.overlap = poll_interval * 2 + Duration::from_secs(1);
             Some(config)
         }
     };
-    if !poller_config.group_conversation_ids.is_empty() && !credential.has_rest() {
-        return Err(format!(
-            "createRuntime: group conversations need an http(s) apiBaseUrl, the credential has {:?}",
-            credential.api_base_url
-        ));
-    }
+    // The realtime path: the caller's factory (a JS transport), else the native stream.
+    let realtime = match (sse_url, settings.create_sse_transport.clone()) {
+        (None, _) => Realtime::None,
+        (Some(_), Some(factory)) => Realtime::Js(factory),
+        (Some(url), None) => Realtime::Native(Arc::new(SseClient::new(
+            credentials.clone(),
+            SseConfig::new(url),
+        ))),
+    };
 
     let agent_id = credential.agent_id.clone();
     let api_base_url = credential.api_base_url.clone();
     let has_rest = credential.has_rest();
     let shared = credentials.clone();
+    let sse_connect = json!({
+        "agentId": credential.agent_id, "apiKey": credential.api_key, "apiBaseUrl": credential.api_base_url, "sseEndpoint": sse_endpoint,
+    });
     let started = js
         .run(move |env| {
             let poller = PollerCore::build(
                 env,
-                PollerSettings {
-                    config: poller_config,
-                    credentials: shared.clone(),
-                    api_base_url: api_base_url.clone(),
-                    direct: Some(direct),
-                },
+                PollerSettings { config: poller_config, credentials: shared.clone(), api_base_url: api_base_url.clone(), direct: Some(direct) },
             )?;
             // Started now, so nothing that arrives is lost; without a handler it only waits.
             poller.start(env)?;
+            let mut bridges = Vec::new();
+            let sse = match realtime {
+                Realtime::None => None,
+                Realtime::Native(client) => {
+                    let sink: Arc<dyn SseSink> = Arc::new(PollerSink(poller.clone()));
+                    runtime_context(|| client.start(sink));
+                    bridges.push(runtime_context(|| bridge_realtime(client.clone(), poller.clone())));
+                    let core = SseConnectionCore::new(SseSource::Native { client: client.clone() }, SseTarget::Handler(Mutex::new(None)), "sse".into());
+                    core.mark_running(env)?;
+                    Some((core, Some(client)))
+                }
+                Realtime::Js(factory) => {
+                    let created = factory.borrow_back(env)?.call(())?;
+                    if created.get_type()? != ValueType::Object {
+                        return Err(Error::new(Status::InvalidArg, "createSseTransport() did not return a transport object".to_owned()));
+                    }
+                    let object = unsafe { Object::from_napi_value(env.raw(), created.raw())? };
+                    let transport = Arc::new(JsTransport::new(&object, JsThread::new(env)?)?);
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    bridges.push(runtime_context(|| bridge_js_sse(rx, poller.clone())));
+                    let name = transport.transport_name().to_owned();
+                    let source = SseSource::Js { transport, connect_config: sse_connect, unsubscribe: Mutex::new(None) };
+                    let core = SseConnectionCore::new(source, SseTarget::Poller(tx), name);
+                    // Started without awaiting, as the old runtime did: a failure is logged.
+                    let started = core.start(env)?;
+                    runtime_context(|| {
+                        tokio::spawn(async move {
+                            if let Err(e) = started.await {
+                                tracing::warn!(error = %super::js::describe(&e), "the SSE transport did not start; polling covers delivery");
+                            }
+                        })
+                    });
+                    Some((core, None))
+                }
+            };
             let heartbeat = match (heartbeat_interval, has_rest) {
                 (Some(interval), true) => {
                     let heartbeat = HeartbeatCore::new(shared.clone(), &api_base_url, interval)?;
@@ -390,18 +560,116 @@ async fn build(
                 }
                 None => None,
             };
-            Ok((poller, heartbeat, key_rotation))
+            let (sse, stream) = match sse {
+                Some((core, stream)) => (Some(core), stream),
+                None => (None, None),
+            };
+            let own = match own {
+                OwnParts::None => None,
+                OwnParts::Http(http) => Some(Either3::A(http)),
+                OwnParts::Sse(rest) => {
+                    let client = stream.ok_or_else(|| Error::new(Status::GenericFailure, "no stream for the SSE transport".to_owned()))?;
+                    Some(Either3::B(SseTransport::from_parts(env, client, rest)?))
+                }
+                OwnParts::Local(local) => {
+                    bridges.push(runtime_context(|| bridge_commits(local.clone(), poller.clone())));
+                    Some(Either3::C(LocalTransport::from_core(env, local)?))
+                }
+            };
+            Ok(Started { poller, heartbeat, key_rotation, sse, own, bridges })
         })
         .await
-        .map_err(|e| format!("createRuntime: {e}"))?;
-    let (poller, heartbeat, key_rotation) = started;
-    parts.poller = Some(poller);
-    parts.heartbeat = heartbeat;
-    parts.key_rotation = key_rotation;
+        .map_err(|e| scrub(format!("createRuntime: {e}")))?;
+    parts.poller = Some(started.poller);
+    parts.heartbeat = started.heartbeat;
+    parts.key_rotation = started.key_rotation;
+    parts.sse = started.sse;
+    parts.bridges = started.bridges;
     Ok(NativeRuntime {
         agent_id,
         parts: Mutex::new(parts),
+        own_transport: Mutex::new(started.own),
         handed: Mutex::new(Handed::default()),
         stopped: Mutex::new(false),
+    })
+}
+
+/// What the JS-thread half of `build` made.
+struct Started {
+    poller: Arc<PollerCore>,
+    heartbeat: Option<Arc<HeartbeatCore>>,
+    key_rotation: Option<Arc<KeyRotationCore>>,
+    sse: Option<Arc<SseConnectionCore>>,
+    own: Option<OwnTransport>,
+    bridges: Vec<RunningTask>,
+}
+
+/// The resolved transport's pieces, before its JS object is made on the JS thread.
+enum OwnParts {
+    None,
+    Http(HttpTransport),
+    Sse(Arc<SignalDock>),
+    Local(local::LocalTransport),
+}
+
+enum Realtime {
+    None,
+    Js(FactoryRef),
+    Native(Arc<SseClient>),
+}
+
+/// The native stream's messages go into the poller: same dedup, same handler.
+struct PollerSink(Arc<PollerCore>);
+
+impl SseSink for PollerSink {
+    fn deliver(&self, message: ConduitMessage) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.0.core.offer(message).await;
+        })
+    }
+}
+
+/// Stream up: direct polling slows; stream down: a poll at once and the normal interval.
+fn bridge_realtime(client: Arc<SseClient>, poller: Arc<PollerCore>) -> RunningTask {
+    RunningTask::spawn(move |token| async move {
+        let mut states = client.states();
+        loop {
+            let connected = *states.borrow_and_update() == SseState::Connected;
+            poller.core.set_realtime(connected);
+            tokio::select! {
+                _ = token.cancelled() => return,
+                changed = states.changed() => if changed.is_err() { return },
+            }
+        }
+    })
+}
+
+/// Another process committed to signaldock.db: poll now, whatever the interval.
+fn bridge_commits(local: local::LocalTransport, poller: Arc<PollerCore>) -> RunningTask {
+    RunningTask::spawn(move |token| async move {
+        let mut commits = local.commits();
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                changed = commits.changed() => if changed.is_err() { return },
+            }
+            poller.core.poll_now();
+        }
+    })
+}
+
+/// Messages from a JS SSE transport's subscription, in order, into the poller.
+fn bridge_js_sse(
+    mut messages: tokio::sync::mpsc::UnboundedReceiver<ConduitMessage>,
+    poller: Arc<PollerCore>,
+) -> RunningTask {
+    RunningTask::spawn(move |token| async move {
+        loop {
+            let message = tokio::select! {
+                _ = token.cancelled() => return,
+                m = messages.recv() => match m { Some(m) => m, None => return },
+            };
+            poller.core.offer(message).await;
+        }
     })
 }

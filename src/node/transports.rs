@@ -5,13 +5,19 @@
 
 use std::sync::{Arc, Mutex};
 
+use napi::Env;
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
+use tokio_util::sync::CancellationToken;
 
-use super::adapters::JsMessage;
+use super::adapters::{JsHandler, JsMessage};
+use super::js::{JsThread, KeepAlive};
 use crate::core::credentials::{ApiKey, Credentials};
+use crate::core::delivery::{Handler, Outcome, Settled};
+use crate::core::local;
 use crate::core::message;
 use crate::core::signaldock::SignalDock;
+use crate::core::task::RunningTask;
 use crate::core::transport::{Page, PeekSource};
 
 /// `connect()` config: the contract's `TransportConnectConfig`.
@@ -74,16 +80,12 @@ impl HttpTransport {
     }
 
     fn client(&self) -> Result<Arc<SignalDock>> {
-        self.client
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or_else(|| {
-                Error::new(
-                    Status::GenericFailure,
-                    "HttpTransport is not connected: call connect() first".to_owned(),
-                )
-            })
+        lock(&self.client).clone().ok_or_else(|| {
+            Error::new(
+                Status::GenericFailure,
+                "HttpTransport is not connected: call connect() first".to_owned(),
+            )
+        })
     }
 
     /// Connects natively (the runtime's path, no JS round trip).
@@ -200,4 +202,254 @@ impl Default for HttpTransport {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// `new LocalTransport(options?)`.
+#[napi(object)]
+pub struct LocalTransportOptions {
+    /// The database file; default `$CLEO_DIR/signaldock.db`, else `<cwd>/.cleo/signaldock.db`.
+    pub db_path: Option<String>,
+}
+
+/// The database path a runtime uses when nothing names one.
+pub fn default_local_db_path() -> std::path::PathBuf {
+    let cwd = std::env::current_dir().unwrap_or_default();
+    local::default_db_path(std::env::var_os("CLEO_DIR").as_deref(), &cwd)
+}
+
+/// The embedded local SignalDock (`signaldock.db`), shared with the cleo CLI and other
+/// agents' processes; rows they commit reach `subscribe` handlers within milliseconds.
+#[napi(js_name = "LocalTransport")]
+pub struct LocalTransport {
+    db_path: Option<std::path::PathBuf>,
+    connected: Arc<Mutex<Option<local::LocalTransport>>>,
+    js: JsThread,
+    subscriptions: Arc<Mutex<Vec<(u64, RunningTask)>>>,
+    next_subscription: Mutex<u64>,
+}
+
+impl LocalTransport {
+    /// A transport already connected (the runtime's resolution).
+    pub fn from_core(env: &Env, core: local::LocalTransport) -> Result<Self> {
+        Ok(Self {
+            db_path: Some(core.path().to_path_buf()),
+            connected: Arc::new(Mutex::new(Some(core))),
+            js: JsThread::new(env)?,
+            subscriptions: Arc::default(),
+            next_subscription: Mutex::new(0),
+        })
+    }
+
+    fn core(&self) -> Result<local::LocalTransport> {
+        lock(&self.connected).clone().ok_or_else(|| {
+            Error::new(
+                Status::GenericFailure,
+                "LocalTransport is not connected: call connect() first".to_owned(),
+            )
+        })
+    }
+}
+
+#[napi]
+impl LocalTransport {
+    #[napi(constructor)]
+    pub fn new(env: Env, options: Option<LocalTransportOptions>) -> Result<Self> {
+        Ok(Self {
+            db_path: options.and_then(|o| o.db_path).map(Into::into),
+            connected: Arc::default(),
+            js: JsThread::new(&env)?,
+            subscriptions: Arc::default(),
+            next_subscription: Mutex::new(0),
+        })
+    }
+
+    #[napi(getter)]
+    pub fn name(&self) -> &'static str {
+        "local"
+    }
+
+    /// The file this transport uses (or will use).
+    #[napi(getter)]
+    pub fn db_path(&self) -> String {
+        self.db_path
+            .clone()
+            .unwrap_or_else(default_local_db_path)
+            .display()
+            .to_string()
+    }
+
+    /// Creates the `conversations` and `messages` tables (exactly as WIRE.md gives them) when
+    /// missing, and the file and its directory; never touches other tables.
+    #[napi]
+    pub async fn ensure_schema(db_path: Option<String>) -> Result<String> {
+        let path = db_path
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(default_local_db_path);
+        let shown = path.display().to_string();
+        tokio::task::spawn_blocking(move || local::ensure_schema(&path))
+            .await
+            .map_err(|e| Error::new(Status::GenericFailure, e.to_string()))?
+            .map_err(to_js)?;
+        Ok(shown)
+    }
+
+    #[napi]
+    pub async fn connect(&self, config: TransportConnectConfig) -> Result<()> {
+        let path = self.db_path.clone().unwrap_or_else(default_local_db_path);
+        let core = local::LocalTransport::connect(path, config.agent_id)
+            .await
+            .map_err(to_js)?;
+        let old = lock(&self.connected).replace(core);
+        if let Some(old) = old {
+            old.disconnect().await;
+        }
+        Ok(())
+    }
+
+    #[napi]
+    pub async fn disconnect(&self) -> Result<()> {
+        for (_, task) in lock(&self.subscriptions).drain(..) {
+            task.stop();
+        }
+        let core = lock(&self.connected).take();
+        if let Some(core) = core {
+            core.disconnect().await;
+        }
+        Ok(())
+    }
+
+    #[napi]
+    pub async fn push(
+        &self,
+        to: String,
+        content: String,
+        options: Option<PushOptions>,
+    ) -> Result<PushResult> {
+        let options = options.unwrap_or(PushOptions {
+            conversation_id: None,
+            reply_to: None,
+        });
+        let id = self
+            .core()?
+            .push(
+                &to,
+                &content,
+                options.conversation_id.as_deref(),
+                options.reply_to.as_deref(),
+            )
+            .await
+            .map_err(to_js)?;
+        Ok(PushResult { message_id: id })
+    }
+
+    #[napi]
+    pub async fn poll(&self, options: Option<PollOptions>) -> Result<Vec<JsMessage>> {
+        let options = options.unwrap_or(PollOptions {
+            limit: None,
+            since: None,
+        });
+        let messages = self
+            .core()?
+            .poll(
+                options
+                    .limit
+                    .unwrap_or(local::DEFAULT_POLL_LIMIT)
+                    .clamp(1, 1000),
+                options.since.as_deref(),
+            )
+            .await
+            .map_err(to_js)?;
+        Ok(messages.into_iter().map(JsMessage::from).collect())
+    }
+
+    #[napi]
+    pub async fn ack(&self, message_ids: Vec<String>) -> Result<()> {
+        self.core()?.ack(&message_ids).await.map_err(to_js)
+    }
+
+    /// Delivers each pending message for this agent, as other processes commit them, to
+    /// `handler`, and acks it once the handler has settled. Returns the unsubscribe function.
+    #[napi(
+        ts_args_type = "handler: (message: ConduitMessage) => void",
+        ts_return_type = "() => void"
+    )]
+    pub fn subscribe<'env>(
+        &self,
+        env: &'env Env,
+        handler: Unknown<'env>,
+    ) -> Result<Function<'env, (), ()>> {
+        if handler.get_type()? != ValueType::Function {
+            return Err(super::js::type_error(
+                env,
+                "LocalTransport.subscribe: handler must be a function",
+            ));
+        }
+        let core = self.core()?;
+        let function: Function<JsMessage, Unknown<'static>> =
+            unsafe { Function::from_napi_value(env.raw(), handler.raw())? };
+        let handler = JsHandler::new(Arc::new(function.create_ref()?), self.js.clone());
+        let keep_alive = KeepAlive::new(env)?;
+        let task = super::runtime_context(|| {
+            RunningTask::spawn(|token| deliver_commits(core, handler, keep_alive, token))
+        });
+        let id = {
+            let mut next = lock(&self.next_subscription);
+            *next += 1;
+            *next
+        };
+        lock(&self.subscriptions).push((id, task));
+        let subscriptions = Arc::downgrade(&self.subscriptions);
+        env.create_function_from_closure("unsubscribe", move |_ctx| {
+            if let Some(subscriptions) = subscriptions.upgrade() {
+                lock(&subscriptions).retain(|(sid, task)| {
+                    if *sid == id {
+                        task.token().cancel();
+                    }
+                    *sid != id
+                });
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A subscription's loop: on every commit (and once at start), deliver what is pending and
+/// ack what was handled.
+async fn deliver_commits(
+    core: local::LocalTransport,
+    handler: JsHandler,
+    _keep_alive: KeepAlive,
+    token: CancellationToken,
+) {
+    let mut commits = core.commits();
+    loop {
+        commits.borrow_and_update();
+        match core.poll_page(local::DEFAULT_POLL_LIMIT, None).await {
+            Ok(page) if !page.messages.is_empty() => {
+                let handled: Arc<Mutex<Vec<String>>> = Arc::default();
+                let record = handled.clone();
+                let settled: Settled =
+                    Arc::new(move |id: &str, _outcome: Outcome| lock(&record).push(id.to_owned()));
+                handler.deliver(page.messages, settled, token.clone()).await;
+                let ids = std::mem::take(&mut *lock(&handled));
+                if let Err(e) = core.ack(&ids).await {
+                    tracing::warn!(error = %e, "LocalTransport subscription ack failed");
+                }
+                if token.is_cancelled() {
+                    return;
+                }
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "LocalTransport subscription poll failed"),
+        }
+        tokio::select! {
+            _ = token.cancelled() => return,
+            changed = commits.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

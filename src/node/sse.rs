@@ -1,0 +1,673 @@
+//! The realtime path to JavaScript: the native `SseTransport` class and
+//! `SseConnectionService` (over a JS transport with `subscribe`, or the native stream).
+//!
+//! The native transport's stream feeds a bounded buffer that `poll()` drains together with a
+//! peek (the server pushes only to a stream it knows: what it queued before is found only by
+//! a peek), or, once someone subscribes, the subscribers on the JS thread.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use napi::Env;
+use napi::bindgen_prelude::*;
+use napi::threadsafe_function::UnknownReturnValue;
+use napi_derive::napi;
+use serde_json::json;
+use tokio::sync::Notify;
+
+use super::adapters::{HandlerRef, JsMessage, JsTransport};
+use super::config::Fields;
+use super::js::{JsThread, KeepAlive, Lenient, describe, type_error};
+use super::runtime_context;
+use super::transports::{PollOptions, PushOptions, PushResult, TransportConnectConfig};
+use crate::core::credentials::{ApiKey, Credentials};
+use crate::core::message::{self, ConduitMessage};
+use crate::core::signaldock::SignalDock;
+use crate::core::sse::{SseClient, SseConfig, SseSink, SseState};
+use crate::core::transport::Page;
+
+/// Stream messages held for `poll()` while nobody subscribes; past it the stream waits.
+const BUFFER_LIMIT: usize = 10_000;
+/// How long `connect()` waits for the stream before resolving anyway (polling covers).
+const CONNECT_WAIT: Duration = Duration::from_secs(3);
+
+#[napi(object, js_name = "SseTransportStatus")]
+pub struct JsSseStatus {
+    /// `connecting`, `connected`, `reconnecting` or `closed`.
+    pub state: String,
+    pub reconnects: f64,
+    pub last_event_at: Option<String>,
+    pub delivered: f64,
+    pub malformed: f64,
+    pub last_error: Option<String>,
+    pub buffered: u32,
+}
+
+/// Where a native stream's messages go: buffered for `poll()`, or to JS subscribers.
+struct StreamInbox {
+    buffer: Mutex<VecDeque<ConduitMessage>>,
+    drained: Notify,
+    subscribers: Mutex<Vec<(u64, HandlerRef)>>,
+    next_id: Mutex<u64>,
+    js: JsThread,
+}
+
+impl StreamInbox {
+    fn subscribers(&self) -> Vec<HandlerRef> {
+        lock(&self.subscribers)
+            .iter()
+            .map(|(_, f)| f.clone())
+            .collect()
+    }
+}
+
+impl SseSink for StreamInbox {
+    fn deliver(&self, message: ConduitMessage) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let subscribers = self.subscribers();
+            if subscribers.is_empty() {
+                loop {
+                    let room = self.drained.notified();
+                    {
+                        let mut buffer = lock(&self.buffer);
+                        if buffer.len() < BUFFER_LIMIT {
+                            buffer.push_back(message);
+                            return;
+                        }
+                    }
+                    room.await;
+                }
+            }
+            let _ = self
+                .js
+                .run(move |env| {
+                    for subscriber in &subscribers {
+                        let handler = subscriber.borrow_back(env)?;
+                        match handler.call(JsMessage::from(message.clone())) {
+                            Ok(returned) if returned.is_promise()? => {
+                                // Observed, so a rejection is logged rather than unhandled.
+                                let promise = unsafe {
+                                    Promise::<UnknownReturnValue>::from_napi_value(
+                                        env.raw(),
+                                        returned.raw(),
+                                    )?
+                                };
+                                tokio_spawn_observe(promise);
+                            }
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(error = %describe(&e), "SSE subscriber threw"),
+                        }
+                    }
+                    Ok(())
+                })
+                .await;
+        })
+    }
+}
+
+fn tokio_spawn_observe(promise: Promise<UnknownReturnValue>) {
+    runtime_context(|| {
+        tokio::spawn(async move {
+            if let Err(e) = promise.await {
+                tracing::warn!(error = %describe(&e), "SSE subscriber rejected");
+            }
+        })
+    });
+}
+
+struct Connected {
+    client: Arc<SseClient>,
+    rest: Arc<SignalDock>,
+    inbox: Arc<StreamInbox>,
+}
+
+/// SignalDock's realtime path as a Transport: the stream (headers for auth, reconnect for
+/// ever) plus REST for push, peek and ack.
+#[napi(js_name = "SseTransport")]
+pub struct SseTransport {
+    connected: Arc<Mutex<Option<Connected>>>,
+    shared_credentials: Option<Arc<Credentials>>,
+    js: JsThread,
+    live: Mutex<Option<KeepAlive>>,
+}
+
+impl SseTransport {
+    fn connected(&self) -> Result<(Arc<SseClient>, Arc<SignalDock>, Arc<StreamInbox>)> {
+        lock(&self.connected)
+            .as_ref()
+            .map(|c| (c.client.clone(), c.rest.clone(), c.inbox.clone()))
+            .ok_or_else(|| {
+                Error::new(
+                    Status::GenericFailure,
+                    "SseTransport is not connected: call connect() first".to_owned(),
+                )
+            })
+    }
+}
+
+impl SseTransport {
+    /// The runtime's transport: REST plus the runtime's own stream (whose messages go to
+    /// the poller, so this object's buffer stays empty and `poll()` is a peek).
+    pub fn from_parts(env: &Env, client: Arc<SseClient>, rest: Arc<SignalDock>) -> Result<Self> {
+        let js = JsThread::new(env)?;
+        let inbox = Arc::new(StreamInbox {
+            buffer: Mutex::default(),
+            drained: Notify::new(),
+            subscribers: Mutex::default(),
+            next_id: Mutex::new(0),
+            js: js.clone(),
+        });
+        Ok(Self {
+            connected: Arc::new(Mutex::new(Some(Connected {
+                client,
+                rest,
+                inbox,
+            }))),
+            shared_credentials: None,
+            js,
+            live: Mutex::new(None),
+        })
+    }
+}
+
+#[napi]
+impl SseTransport {
+    #[napi(constructor)]
+    pub fn new(env: Env) -> Result<Self> {
+        Ok(Self {
+            connected: Arc::default(),
+            shared_credentials: None,
+            js: JsThread::new(&env)?,
+            live: Mutex::new(None),
+        })
+    }
+
+    #[napi(getter)]
+    pub fn name(&self) -> &'static str {
+        "sse"
+    }
+
+    /// Opens the stream (`sseEndpoint`, default `{apiBaseUrl}/messages/stream`); resolves once
+    /// it is connected, or after 3 s while it keeps trying in the background.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn connect<'env>(
+        &self,
+        env: &'env Env,
+        config: TransportConnectConfig,
+    ) -> Result<PromiseRaw<'env, ()>> {
+        let credentials = match &self.shared_credentials {
+            Some(shared) => shared.clone(),
+            None => Credentials::new(&config.agent_id, ApiKey::new(config.api_key.as_str())),
+        };
+        let to_js = |e: crate::core::error::Error| Error::new(Status::InvalidArg, e.to_string());
+        let url = SseConfig::endpoint_url(config.sse_endpoint.as_deref(), &config.api_base_url)
+            .map_err(to_js)?;
+        let rest = Arc::new(
+            SignalDock::new(
+                credentials.clone(),
+                &config.api_base_url,
+                config.api_base_url_fallback.as_deref(),
+            )
+            .map_err(to_js)?,
+        );
+        let client = Arc::new(SseClient::new(credentials, SseConfig::new(url)));
+        let inbox = Arc::new(StreamInbox {
+            buffer: Mutex::default(),
+            drained: Notify::new(),
+            subscribers: Mutex::default(),
+            next_id: Mutex::new(0),
+            js: self.js.clone(),
+        });
+        if let Some(old) = lock(&self.connected).replace(Connected {
+            client: client.clone(),
+            rest,
+            inbox: inbox.clone(),
+        }) {
+            old.client.stop();
+        }
+        runtime_context(|| client.start(inbox));
+        *lock(&self.live) = Some(KeepAlive::new(env)?);
+        let mut states = client.states();
+        env.spawn_future(async move {
+            let _ =
+                tokio::time::timeout(CONNECT_WAIT, states.wait_for(|s| *s == SseState::Connected))
+                    .await;
+            Ok(())
+        })
+    }
+
+    #[napi]
+    pub fn disconnect<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
+        if let Some(old) = lock(&self.connected).take() {
+            old.client.stop();
+        }
+        lock(&self.live).take();
+        env.spawn_future(async { Ok(()) })
+    }
+
+    #[napi]
+    pub async fn push(
+        &self,
+        to: String,
+        content: String,
+        options: Option<PushOptions>,
+    ) -> Result<PushResult> {
+        let (_, rest, _) = self.connected()?;
+        let options = options.unwrap_or(PushOptions {
+            conversation_id: None,
+            reply_to: None,
+        });
+        let id = match &options.conversation_id {
+            Some(conversation) => {
+                rest.send_to_conversation(conversation, &content, options.reply_to.as_deref())
+                    .await
+            }
+            None => rest.send_direct(&to, &content).await,
+        }
+        .map_err(|e| Error::new(Status::GenericFailure, format!("push failed: {e}")))?;
+        Ok(PushResult { message_id: id })
+    }
+
+    /// What the stream delivered (not yet taken by a subscriber) plus what the server queued.
+    #[napi]
+    pub async fn poll(&self, options: Option<PollOptions>) -> Result<Vec<JsMessage>> {
+        let (_, rest, inbox) = self.connected()?;
+        let options = options.unwrap_or(PollOptions {
+            limit: None,
+            since: None,
+        });
+        let limit = options.limit.unwrap_or(50).clamp(1, 1000) as usize;
+        let mut out: Vec<ConduitMessage> = {
+            let mut buffer = lock(&inbox.buffer);
+            let take = buffer.len().min(limit);
+            buffer.drain(..take).collect()
+        };
+        inbox.drained.notify_waiters();
+        let rows = rest
+            .peek(limit as u32, options.since.as_deref(), None)
+            .await
+            .map_err(|e| Error::new(Status::GenericFailure, format!("poll failed: {e}")))?;
+        let page = Page::from_rows(rows, |row| message::from_rest_row(row, None));
+        for m in page.messages {
+            if !out.iter().any(|o| o.id == m.id) {
+                out.push(m);
+            }
+        }
+        Ok(out.into_iter().map(JsMessage::from).collect())
+    }
+
+    #[napi]
+    pub async fn ack(&self, message_ids: Vec<String>) -> Result<()> {
+        let (_, rest, _) = self.connected()?;
+        rest.ack(&message_ids)
+            .await
+            .map_err(|e| Error::new(Status::GenericFailure, format!("ack failed: {e}")))
+    }
+
+    /// Calls `handler` for each message the stream delivers from now on (and for what was
+    /// buffered); returns the function that unsubscribes.
+    #[napi(
+        ts_args_type = "handler: (message: ConduitMessage) => void",
+        ts_return_type = "() => void"
+    )]
+    pub fn subscribe<'env>(
+        &self,
+        env: &'env Env,
+        handler: Unknown<'env>,
+    ) -> Result<Function<'env, (), ()>> {
+        if handler.get_type()? != ValueType::Function {
+            return Err(type_error(
+                env,
+                "SseTransport.subscribe: handler must be a function",
+            ));
+        }
+        let (_, _, inbox) = self.connected()?;
+        let function: Function<JsMessage, Unknown<'static>> =
+            unsafe { Function::from_napi_value(env.raw(), handler.raw())? };
+        let reference: HandlerRef = Arc::new(function.create_ref()?);
+        let id = {
+            let mut next = lock(&inbox.next_id);
+            *next += 1;
+            *next
+        };
+        lock(&inbox.subscribers).push((id, reference.clone()));
+        // What arrived before anyone subscribed goes to the first subscriber now.
+        let backlog: Vec<ConduitMessage> = lock(&inbox.buffer).drain(..).collect();
+        inbox.drained.notify_waiters();
+        if !backlog.is_empty() {
+            let handler = reference.borrow_back(env)?;
+            for m in backlog {
+                if let Err(e) = handler.call(JsMessage::from(m)) {
+                    tracing::warn!(error = %describe(&e), "SSE subscriber threw");
+                }
+            }
+        }
+        let weak = Arc::downgrade(&inbox);
+        env.create_function_from_closure("unsubscribe", move |_ctx| {
+            if let Some(inbox) = weak.upgrade() {
+                lock(&inbox.subscribers).retain(|(sid, _)| *sid != id);
+            }
+            Ok(())
+        })
+    }
+
+    #[napi]
+    pub fn status(&self) -> JsSseStatus {
+        match lock(&self.connected).as_ref() {
+            Some(c) => sse_status(&c.client, lock(&c.inbox.buffer).len()),
+            None => JsSseStatus {
+                state: SseState::Closed.as_str().to_owned(),
+                reconnects: 0.0,
+                last_event_at: None,
+                delivered: 0.0,
+                malformed: 0.0,
+                last_error: None,
+                buffered: 0,
+            },
+        }
+    }
+}
+
+fn sse_status(client: &SseClient, buffered: usize) -> JsSseStatus {
+    let s = client.status();
+    JsSseStatus {
+        state: s.state.as_str().to_owned(),
+        reconnects: s.reconnects as f64,
+        last_event_at: s.last_event_at,
+        delivered: s.delivered as f64,
+        malformed: s.malformed as f64,
+        last_error: s.last_error,
+        buffered: buffered as u32,
+    }
+}
+
+#[napi(object, js_name = "SseConnectionStatus")]
+pub struct JsSseConnectionStatus {
+    pub running: bool,
+    pub transport_name: String,
+    /// The native stream's state, when the runtime's own SSE transport is in use.
+    pub state: Option<String>,
+    pub reconnects: Option<f64>,
+    pub last_event_at: Option<String>,
+}
+
+/// Where an `SseConnectionService` gets its messages.
+pub enum SseSource {
+    /// A JS transport (with `subscribe`), connected and subscribed by `start()`.
+    Js {
+        transport: Arc<JsTransport>,
+        connect_config: serde_json::Value,
+        unsubscribe: Mutex<Option<Arc<FunctionRef<(), Unknown<'static>>>>>,
+    },
+    /// The runtime's native stream, already wired to the poller.
+    Native { client: Arc<SseClient> },
+}
+
+/// Where an `SseConnectionService` sends messages that arrive from a JS transport.
+pub enum SseTarget {
+    /// The handler set with `onMessage`.
+    Handler(Mutex<Option<HandlerRef>>),
+    /// The runtime's poller (dedup against polling, one handler).
+    Poller(tokio::sync::mpsc::UnboundedSender<ConduitMessage>),
+}
+
+pub struct SseConnectionCore {
+    source: SseSource,
+    target: Arc<SseTarget>,
+    running: Mutex<bool>,
+    transport_name: String,
+    live: Mutex<Option<KeepAlive>>,
+}
+
+impl SseConnectionCore {
+    pub fn new(source: SseSource, target: SseTarget, transport_name: String) -> Arc<Self> {
+        Arc::new(Self {
+            source,
+            target: Arc::new(target),
+            running: Mutex::new(false),
+            transport_name,
+            live: Mutex::new(None),
+        })
+    }
+
+    /// Connects and subscribes (JS transport). The returned future does the waiting.
+    pub fn start(self: &Arc<Self>, env: &Env) -> Result<BoxFuture<'static, Result<()>>> {
+        if std::mem::replace(&mut *lock(&self.running), true) {
+            return Ok(Box::pin(async { Ok(()) }));
+        }
+        *lock(&self.live) = Some(KeepAlive::new(env)?);
+        let this = self.clone();
+        Ok(Box::pin(async move {
+            let SseSource::Js {
+                transport,
+                connect_config,
+                ..
+            } = &this.source
+            else {
+                return Ok(());
+            };
+            transport
+                .connect(connect_config.clone())
+                .await
+                .map_err(|e| {
+                    Error::new(
+                        Status::GenericFailure,
+                        format!("SSE transport connect() failed: {e}"),
+                    )
+                })?;
+            let subscriber = this.clone();
+            transport
+                .js()
+                .run(move |env| subscriber.subscribe(env))
+                .await
+                .map_err(|e| Error::new(Status::GenericFailure, e.to_string()))
+        }))
+    }
+
+    fn subscribe(self: &Arc<Self>, env: &Env) -> Result<()> {
+        let SseSource::Js {
+            transport,
+            unsubscribe,
+            ..
+        } = &self.source
+        else {
+            return Ok(());
+        };
+        if !*lock(&self.running) {
+            return Ok(());
+        }
+        let object = transport.object().get(env)?;
+        let subscribe: Unknown = object.get_named_property("subscribe")?;
+        if subscribe.get_type()? != ValueType::Function {
+            return Ok(());
+        }
+        let target = self.target.clone();
+        let forward =
+            env.create_function_from_closure::<Unknown, (), _>("onSseMessage", move |ctx| {
+                let value: Unknown = ctx.get(0)?;
+                let lenient = unsafe { Lenient::from_napi_value(ctx.env.raw(), value.raw())? };
+                match message::from_transport_object(&lenient.0) {
+                    Ok(m) => forward_message(ctx.env, &target, m),
+                    Err(why) => tracing::warn!(error = %why, "skipping a malformed SSE message"),
+                }
+                Ok(())
+            })?;
+        let returned = super::js::apply(env, &object, subscribe, forward)?;
+        if returned.get_type()? == ValueType::Function {
+            let function: Function<(), Unknown<'static>> =
+                unsafe { Function::from_napi_value(env.raw(), returned.raw())? };
+            *lock(unsubscribe) = Some(Arc::new(function.create_ref()?));
+        }
+        Ok(())
+    }
+
+    /// Unsubscribes and disconnects (JS transport), or stops the native stream. The calls
+    /// happen now; the returned future waits for `disconnect()` to settle.
+    pub fn stop(&self, env: &Env) -> Result<BoxFuture<'static, Result<()>>> {
+        *lock(&self.running) = false;
+        lock(&self.live).take();
+        match &self.source {
+            SseSource::Native { client } => {
+                client.stop();
+                Ok(Box::pin(async { Ok(()) }))
+            }
+            SseSource::Js {
+                transport,
+                unsubscribe,
+                ..
+            } => {
+                if let Some(unsubscribe) = lock(unsubscribe).take() {
+                    let f = unsubscribe.borrow_back(env)?;
+                    if let Err(e) = f.call(()) {
+                        tracing::warn!(error = %describe(&e), "SSE unsubscribe threw");
+                    }
+                }
+                let settle =
+                    transport
+                        .object()
+                        .call_method::<(), Lenient>(env, "disconnect", ())?;
+                Ok(Box::pin(async move {
+                    settle.resolve().await.map(drop).map_err(|e| {
+                        Error::new(Status::GenericFailure, format!("disconnect() failed: {e}"))
+                    })
+                }))
+            }
+        }
+    }
+
+    /// For the runtime's native stream, already started: running, and keeping Node alive.
+    pub fn mark_running(&self, env: &Env) -> Result<()> {
+        *lock(&self.running) = true;
+        *lock(&self.live) = Some(KeepAlive::new(env)?);
+        Ok(())
+    }
+
+    pub fn set_handler(&self, handler: HandlerRef) {
+        if let SseTarget::Handler(slot) = &*self.target {
+            *lock(slot) = Some(handler);
+        }
+    }
+
+    pub fn status(&self) -> JsSseConnectionStatus {
+        let native = match &self.source {
+            SseSource::Native { client } => Some(client.status()),
+            SseSource::Js { .. } => None,
+        };
+        JsSseConnectionStatus {
+            running: *lock(&self.running),
+            transport_name: self.transport_name.clone(),
+            state: native.as_ref().map(|s| s.state.as_str().to_owned()),
+            reconnects: native.as_ref().map(|s| s.reconnects as f64),
+            last_event_at: native.and_then(|s| s.last_event_at),
+        }
+    }
+}
+
+/// On the JS thread: a message from a JS transport's subscription.
+fn forward_message(env: &Env, target: &SseTarget, message: ConduitMessage) {
+    match target {
+        SseTarget::Poller(queue) => {
+            let _ = queue.send(message);
+        }
+        SseTarget::Handler(slot) => {
+            let Some(handler) = lock(slot).clone() else {
+                tracing::debug!(
+                    "SSE message before any handler: dropped by the service (the poller still delivers it)"
+                );
+                return;
+            };
+            let result = handler
+                .borrow_back(env)
+                .and_then(|h| h.call(JsMessage::from(message)));
+            match result {
+                Ok(returned) => {
+                    if returned.is_promise().unwrap_or(false)
+                        && let Ok(promise) = unsafe {
+                            Promise::<UnknownReturnValue>::from_napi_value(
+                                env.raw(),
+                                returned.raw(),
+                            )
+                        }
+                    {
+                        tokio_spawn_observe(promise);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %describe(&e), "SSE message handler threw"),
+            }
+        }
+    }
+}
+
+/// Keeps a transport's realtime subscription and forwards its messages to the handler.
+#[napi(js_name = "SseConnectionService")]
+pub struct SseConnectionService {
+    pub(crate) inner: Arc<SseConnectionCore>,
+}
+
+#[napi]
+impl SseConnectionService {
+    #[napi(constructor)]
+    pub fn new(env: Env, config: Unknown) -> Result<Self> {
+        let fields = Fields::new(&env, "SseConnectionService", Some(config), false)?;
+        let agent_id = fields.required_string("agentId")?;
+        let api_key = fields.required_string("apiKey")?;
+        let api_base_url = fields.required_string("apiBaseUrl")?;
+        let sse_endpoint = fields.url("sseEndpoint", false)?;
+        let transport = fields
+            .object_with("transport", &["connect", "disconnect"])?
+            .ok_or_else(|| type_error(&env, "SseConnectionService: config.transport must be an object with connect(), disconnect()"))?;
+        let transport = Arc::new(JsTransport::new(&transport, JsThread::new(&env)?)?);
+        let mut connect_config =
+            json!({ "agentId": agent_id, "apiKey": api_key, "apiBaseUrl": api_base_url });
+        if let Some(endpoint) = sse_endpoint {
+            connect_config["sseEndpoint"] = json!(endpoint);
+        }
+        let name = transport.transport_name().to_owned();
+        let source = SseSource::Js {
+            transport,
+            connect_config,
+            unsubscribe: Mutex::new(None),
+        };
+        Ok(Self {
+            inner: SseConnectionCore::new(source, SseTarget::Handler(Mutex::new(None)), name),
+        })
+    }
+
+    /// Sets the handler; takes effect at once, also after `start()`.
+    #[napi(ts_args_type = "handler: (message: ConduitMessage) => void")]
+    pub fn on_message(&self, env: Env, handler: Unknown) -> Result<()> {
+        if handler.get_type()? != ValueType::Function {
+            return Err(type_error(
+                &env,
+                "SseConnectionService.onMessage: handler must be a function",
+            ));
+        }
+        let function: Function<JsMessage, Unknown<'static>> =
+            unsafe { Function::from_napi_value(env.raw(), handler.raw())? };
+        self.inner.set_handler(Arc::new(function.create_ref()?));
+        Ok(())
+    }
+
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn start<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
+        let started = self.inner.start(env)?;
+        env.spawn_future(started)
+    }
+
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn stop<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
+        let stopped = self.inner.stop(env)?;
+        env.spawn_future(stopped)
+    }
+
+    #[napi]
+    pub fn status(&self) -> JsSseConnectionStatus {
+        self.inner.status()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
