@@ -323,6 +323,13 @@ export interface SseConnectionStatus {
   running: boolean;
   /** The transport's name. */
   transportName: string;
+  /** The native stream's state (`connecting`, `connected`, `reconnecting`, `closed`), when
+   * the runtime's own SSE transport is in use. */
+  state?: 'connecting' | 'connected' | 'reconnecting' | 'closed';
+  /** Reconnects of the native stream. */
+  reconnects?: number;
+  /** When the native stream last received anything, ISO 8601. */
+  lastEventAt?: string;
 }
 
 /** Keeps a transport's realtime subscription and forwards its messages to a handler. */
@@ -351,6 +358,66 @@ export declare class HttpTransport implements Transport {
 
 /** The registry methods the runtime calls; any full AgentRegistryAPI fits. */
 export type RuntimeRegistry = Pick<AgentRegistryAPI, 'get' | 'getActive' | 'rotateKey'>;
+
+/** `SseTransport.status()`. */
+export interface SseTransportStatus {
+  /** `connecting`, `connected`, `reconnecting` or `closed`. */
+  state: 'connecting' | 'connected' | 'reconnecting' | 'closed';
+  /** Reconnects since connect. */
+  reconnects: number;
+  /** When the stream last received anything (data, heartbeat), ISO 8601. */
+  lastEventAt?: string;
+  /** Messages the stream delivered. */
+  delivered: number;
+  /** Frames skipped because they could not be read as a message. */
+  malformed: number;
+  /** The last connection failure, without secrets. */
+  lastError?: string;
+  /** Stream messages waiting for `poll()` (nobody subscribed). */
+  buffered: number;
+}
+
+/** SignalDock's realtime path as a Transport: an SSE stream authenticated by headers (never a
+ * key in the URL) that reconnects for ever with jittered backoff, plus REST for push, peek
+ * and ack. `poll()` returns what the stream delivered plus what the server queued. */
+export declare class SseTransport implements Transport {
+  constructor();
+  readonly name: 'sse';
+  connect(config: TransportConnectConfig): Promise<void>;
+  disconnect(): Promise<void>;
+  push(to: string, content: string, options?: { conversationId?: string; replyTo?: string }): Promise<{ messageId: string }>;
+  poll(options?: { limit?: number; since?: string }): Promise<ConduitMessage[]>;
+  ack(messageIds: string[]): Promise<void>;
+  subscribe(handler: (message: ConduitMessage) => void): () => void;
+  /** The stream's state and counters. */
+  status(): SseTransportStatus;
+}
+
+/** `new LocalTransport(options?)`. */
+export interface LocalTransportOptions {
+  /** The database file; default `$CLEO_DIR/signaldock.db`, else `<cwd>/.cleo/signaldock.db`. */
+  dbPath?: string;
+}
+
+/** The embedded local SignalDock (`signaldock.db`), shared with the cleo CLI and other
+ * agents' processes. Rows other processes commit reach `subscribe` handlers (and a runtime's
+ * handler) within milliseconds, whatever the poll interval. */
+export declare class LocalTransport implements Transport {
+  constructor(options?: LocalTransportOptions);
+  readonly name: 'local';
+  /** The database file this transport uses. */
+  readonly dbPath: string;
+  /** Creates the file and the `conversations` and `messages` tables when missing (never
+   * touching other tables); resolves with the path. */
+  static ensureSchema(dbPath?: string): Promise<string>;
+  connect(config: TransportConnectConfig): Promise<void>;
+  disconnect(): Promise<void>;
+  push(to: string, content: string, options?: { conversationId?: string; replyTo?: string }): Promise<{ messageId: string }>;
+  poll(options?: { limit?: number; since?: string }): Promise<ConduitMessage[]>;
+  ack(messageIds: string[]): Promise<void>;
+  /** Delivers pending messages as they are committed, acking each once its handler settled. */
+  subscribe(handler: (message: ConduitMessage) => void | Promise<void>): () => void;
+}
 
 /** Starts a resident agent runtime for the registry's (active or named) agent: resolves the
  * credential, connects the transport, starts polling (handler-less until `onMessage`), the
