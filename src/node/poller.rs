@@ -3,6 +3,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
+
 use napi::Env;
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
@@ -118,32 +120,32 @@ impl PollerCore {
         Ok(())
     }
 
-    /// Stops at once; what was handled but not yet acked is acked on the way out (through
-    /// the JS transport right here, so no transport call happens after `stop()` returns).
-    pub fn stop(&self, env: &Env) {
+    /// Stops at once; what was handled but not yet acked is acked on the way out: through
+    /// a JS transport right here (so no transport call happens after `stop()` returns), or
+    /// natively in the returned future, which the caller runs (before closing the transport).
+    pub fn stop(&self, env: &Env) -> Option<BoxFuture<'static, ()>> {
         let handled = self.core.stop();
         self.live.lock().unwrap_or_else(|e| e.into_inner()).take();
         if handled.is_empty() {
-            return;
+            return None;
         }
         match &self.direct {
             DirectPath::Js(transport) => {
                 if let Err(e) = transport.ack_now(env, handled) {
                     tracing::warn!(error = %e, "final ack on stop failed");
                 }
+                None
             }
             DirectPath::Native(source) => {
                 let source = source.clone();
-                runtime_context(|| {
-                    tokio::spawn(async move {
-                        let ack = tokio::time::timeout(Duration::from_secs(5), source.ack(handled));
-                        if !matches!(ack.await, Ok(Ok(()))) {
-                            tracing::warn!(
-                                "final ack on stop failed; those messages may be offered again"
-                            );
-                        }
-                    })
-                });
+                Some(Box::pin(async move {
+                    let ack = tokio::time::timeout(Duration::from_secs(5), source.ack(handled));
+                    if !matches!(ack.await, Ok(Ok(()))) {
+                        tracing::warn!(
+                            "final ack on stop failed; those messages may be offered again"
+                        );
+                    }
+                }))
             }
         }
     }
@@ -223,7 +225,9 @@ impl AgentPoller {
     /// Stops polling at once. Idempotent; no handler call after it returns.
     #[napi]
     pub fn stop(&self, env: Env) {
-        self.inner.stop(&env);
+        if let Some(final_ack) = self.inner.stop(&env) {
+            runtime_context(|| tokio::spawn(final_ack));
+        }
     }
 
     #[napi]

@@ -276,20 +276,28 @@ impl NativeRuntime {
         if let Some(rotation) = &parts.key_rotation {
             rotation.stop();
         }
-        if let Some(poller) = &parts.poller {
-            poller.stop(&env);
-        }
+        let final_ack = parts.poller.as_ref().and_then(|poller| poller.stop(&env));
         if let Some(transport) = &parts.js_transport
             && let Err(e) = transport.disconnect_now(&env)
         {
             tracing::warn!(error = %super::js::describe(&e), "transport.disconnect() failed during stop");
         }
-        if let Some(slot) = &parts.http_slot {
-            slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-        }
-        if let Some(local) = parts.local {
-            super::runtime_context(|| tokio::spawn(async move { local.disconnect().await }));
-        }
+        // Native transports close after the poller's last ack went out on them.
+        let http_slot = parts.http_slot.clone();
+        let local = parts.local.clone();
+        runtime_context(|| {
+            tokio::spawn(async move {
+                if let Some(final_ack) = final_ack {
+                    final_ack.await;
+                }
+                if let Some(slot) = http_slot {
+                    slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                }
+                if let Some(local) = local {
+                    local.disconnect().await;
+                }
+            })
+        });
         for bridge in parts.bridges {
             bridge.stop();
         }
