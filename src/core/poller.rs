@@ -375,9 +375,12 @@ async fn poll_loop(shared: Arc<Shared>, queue: mpsc::Sender<Batch>, token: Cance
         if shared.handler().is_none() {
             continue;
         }
-        let direct_now = direct_now || shared.direct_requested.swap(false, Ordering::Relaxed);
-        let run_direct = direct_now || now >= direct_due;
-        if run_direct {
+        // A requested poll (poll_now) runs at once but leaves the schedule alone; a scheduled
+        // one, or the realtime path dropping, sets the next due time.
+        let requested = shared.direct_requested.swap(false, Ordering::Relaxed);
+        let scheduled = direct_now || now >= direct_due;
+        let run_direct = scheduled || requested;
+        if scheduled {
             direct_due = now
                 + if *shared.realtime.borrow() {
                     slow

@@ -1015,3 +1015,27 @@ async fn realtime_slows_direct_polling_only_and_its_loss_polls_at_once() {
         (0..=11).map(|s| s * 1000).collect::<Vec<_>>()
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn poll_now_polls_direct_messages_at_once_without_an_extra_group_poll() {
+    let r = Rig::new(&["g"]);
+    r.handle();
+    r.poller.start();
+    r.at(300).await;
+    r.direct.push(dms(1..=2));
+    r.poller.poll_now();
+    r.at(350).await;
+    assert_eq!(r.direct.poll_times(), [0, 300]);
+    assert_eq!(r.handler.ids(), strings(&["d1", "d2"]));
+    // Groups keep their own schedule.
+    assert_eq!(r.groups.request_times("g"), [0]);
+    // ... and the direct schedule is not pushed back by the extra poll.
+    r.at(1500).await;
+    assert_eq!(r.groups.request_times("g"), [0, 1000]);
+    assert_eq!(r.direct.poll_times(), [0, 300, 1000]);
+    // A stopped poller ignores the request.
+    r.poller.stop();
+    r.poller.poll_now();
+    r.at(3000).await;
+    assert_eq!(r.direct.poll_times(), [0, 300, 1000]);
+}
