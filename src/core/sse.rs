@@ -27,7 +27,7 @@
 //! State changes are published on a watch channel ([`SseClient::states`]); the runtime uses
 //! them to slow polling while the stream is connected.
 
-mod frame;
+pub mod frame;
 mod guard;
 mod http;
 mod policy;
