@@ -23,7 +23,7 @@ pub enum Error {
     NotConnected(String),
     /// A JavaScript callback threw, rejected, or returned the wrong shape.
     Js(String),
-    /// Local storage (`signaldock.db`) failed.
+    /// Local storage (`signaldock.db`) failed; the text names the file or the table.
     Storage(String),
     /// A configuration value is unusable.
     Config(String),
@@ -67,7 +67,7 @@ impl fmt::Display for Error {
             Error::Decode(why) => write!(f, "invalid response: {why}"),
             Error::NotConnected(what) => write!(f, "{what}"),
             Error::Js(why) => write!(f, "JavaScript callback failed: {why}"),
-            Error::Storage(why) => write!(f, "signaldock.db: {why}"),
+            Error::Storage(why) => f.write_str(why),
             Error::Config(why) => write!(f, "invalid configuration: {why}"),
         }
     }

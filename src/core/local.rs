@@ -383,7 +383,10 @@ fn open_pair(path: &Path) -> Result<(Connection, Connection, i64)> {
         )
         .map_err(storage)?;
     if !has_messages {
-        return Err(Error::Storage("messages table missing".into()));
+        return Err(Error::Storage(format!(
+            "messages table missing in {}",
+            path.display()
+        )));
     }
     // Only now: switching to WAL rewrites the header of a file that may not be ours.
     configure(&writer)?;
@@ -737,7 +740,7 @@ fn unix_now() -> i64 {
 }
 
 fn storage(err: rusqlite::Error) -> Error {
-    Error::Storage(err.to_string())
+    Error::Storage(format!("signaldock.db: {err}"))
 }
 
 fn not_connected() -> Error {

@@ -241,7 +241,8 @@ impl SignalDock {
                 return Err(Error::Status {
                     status: status.as_u16(),
                     retry_after,
-                    message: error_message(status, &bytes),
+                    // A server may quote the key back ("key … is expired"): never pass it on.
+                    message: self.credentials.scrub(&error_message(status, &bytes)),
                 });
             }
             parse_envelope(&bytes)
