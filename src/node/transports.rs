@@ -58,6 +58,13 @@ fn to_js(err: crate::core::error::Error) -> Error {
     Error::new(Status::GenericFailure, err.to_string())
 }
 
+/// A failed REST call as a JS error: `"{what} failed: {err}"`, scrubbed of the agent's keys,
+/// since the error may quote the server's answer and a server may echo the key back.
+fn rest_error(client: &SignalDock, what: &str, err: crate::core::error::Error) -> Error {
+    let text = client.credentials().scrub(&format!("{what} failed: {err}"));
+    Error::new(Status::GenericFailure, text)
+}
+
 /// SignalDock over plain HTTP: `push`, `poll` (peek), `ack`, with failover to
 /// `apiBaseUrlFallback`.
 #[napi(js_name = "HttpTransport")]
@@ -166,7 +173,7 @@ impl HttpTransport {
             }
             None => client.send_direct(&to, &content).await,
         }
-        .map_err(|e| Error::new(Status::GenericFailure, format!("push failed: {e}")))?;
+        .map_err(|e| rest_error(&client, "push", e))?;
         Ok(PushResult { message_id: id })
     }
 
@@ -184,17 +191,18 @@ impl HttpTransport {
                 None,
             )
             .await
-            .map_err(|e| Error::new(Status::GenericFailure, format!("poll failed: {e}")))?;
+            .map_err(|e| rest_error(&client, "poll", e))?;
         let page = Page::from_rows(rows, |row| message::from_rest_row(row, None));
         Ok(page.messages.into_iter().map(JsMessage::from).collect())
     }
 
     #[napi]
     pub async fn ack(&self, message_ids: Vec<String>) -> Result<()> {
-        self.client()?
+        let client = self.client()?;
+        client
             .ack(&message_ids)
             .await
-            .map_err(|e| Error::new(Status::GenericFailure, format!("ack failed: {e}")))
+            .map_err(|e| rest_error(&client, "ack", e))
     }
 }
 
