@@ -330,6 +330,10 @@ export interface SseConnectionStatus {
   reconnects?: number;
   /** When the native stream last received anything, ISO 8601. */
   lastEventAt?: string;
+  /** Handler calls that settled, when the service calls its own `onMessage` handler. */
+  delivered?: number;
+  /** Handler calls that threw or rejected, when the service calls its own handler. */
+  failed?: number;
 }
 
 /** Keeps a transport's realtime subscription and forwards its messages to a handler. */

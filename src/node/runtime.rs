@@ -637,13 +637,27 @@ impl SseSink for PollerSink {
     }
 }
 
-/// Stream up: direct polling slows; stream down: a poll at once and the normal interval.
+/// Stream up: direct polling slows, after one poll now; stream down: a poll at once and
+/// the normal interval.
 fn bridge_realtime(client: Arc<SseClient>, poller: Arc<PollerCore>) -> RunningTask {
     RunningTask::spawn(move |token| async move {
         let mut states = client.states();
+        // The connection attempt (reconnect count) whose stream was last followed by a poll.
+        let mut polled_after: Option<u64> = None;
         loop {
+            // Read before the state: the stream found connected is then this attempt's or a
+            // later one's, and the poll below comes after it connected either way.
+            let attempt = client.status().reconnects;
             let connected = *states.borrow_and_update() == SseState::Connected;
             poller.core.set_realtime(connected);
+            // The server pushes only to a stream it knows: what it queued while none was open
+            // (before the first one, or in a drop's gap after the drop's own poll) is found
+            // only by a peek, which the slowed schedule would put off for 6 intervals. Keyed
+            // by attempt, so a drop and reconnect seen as one change still polls.
+            if connected && polled_after != Some(attempt) {
+                polled_after = Some(attempt);
+                poller.core.poll_now();
+            }
             tokio::select! {
                 _ = token.cancelled() => return,
                 changed = states.changed() => if changed.is_err() { return },

@@ -6,6 +6,7 @@
 //! a peek), or, once someone subscribes, the subscribers on the JS thread.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -115,6 +116,14 @@ fn tokio_spawn_observe(promise: Promise<UnknownReturnValue>) {
             }
         })
     });
+}
+
+/// Handler calls of an `SseConnectionService` with its own handler: settled, and failed
+/// (threw or rejected).
+#[derive(Default)]
+pub struct HandlerStats {
+    delivered: AtomicU64,
+    failed: AtomicU64,
 }
 
 struct Connected {
@@ -285,14 +294,30 @@ impl SseTransport {
             buffer.drain(..take).collect()
         };
         inbox.drained.notify_waiters();
-        let rows = rest
-            .peek(limit as u32, options.since.as_deref(), None)
-            .await
-            .map_err(|e| Error::new(Status::GenericFailure, format!("poll failed: {e}")))?;
-        let page = Page::from_rows(rows, |row| message::from_rest_row(row, None));
-        for m in page.messages {
-            if !out.iter().any(|o| o.id == m.id) {
-                out.push(m);
+        // At most `limit` in all: the peek fills what the buffer left (what it cannot take
+        // stays queued on the server for the next poll).
+        let room = limit - out.len();
+        if room > 0 {
+            match rest.peek(room as u32, options.since.as_deref(), None).await {
+                Ok(rows) => {
+                    let page = Page::from_rows(rows, |row| message::from_rest_row(row, None));
+                    for m in page.messages {
+                        if !out.iter().any(|o| o.id == m.id) {
+                            out.push(m);
+                        }
+                    }
+                }
+                // The buffered messages are out of the buffer already: failing now would
+                // lose them (the server marked them delivered when it pushed them).
+                Err(e) if !out.is_empty() => {
+                    tracing::debug!(error = %e, "peek failed; returning the stream's messages only");
+                }
+                Err(e) => {
+                    return Err(Error::new(
+                        Status::GenericFailure,
+                        format!("poll failed: {e}"),
+                    ));
+                }
             }
         }
         Ok(out.into_iter().map(JsMessage::from).collect())
@@ -391,6 +416,10 @@ pub struct JsSseConnectionStatus {
     pub state: Option<String>,
     pub reconnects: Option<f64>,
     pub last_event_at: Option<String>,
+    /// Handler calls that settled, when the service has its own handler (`onMessage`).
+    pub delivered: Option<f64>,
+    /// Handler calls that threw or rejected, when the service has its own handler.
+    pub failed: Option<f64>,
 }
 
 /// Where an `SseConnectionService` gets its messages.
@@ -419,6 +448,7 @@ pub struct SseConnectionCore {
     running: Mutex<bool>,
     transport_name: String,
     live: Mutex<Option<KeepAlive>>,
+    stats: Arc<HandlerStats>,
 }
 
 impl SseConnectionCore {
@@ -429,6 +459,7 @@ impl SseConnectionCore {
             running: Mutex::new(false),
             transport_name,
             live: Mutex::new(None),
+            stats: Arc::default(),
         })
     }
 
@@ -484,12 +515,13 @@ impl SseConnectionCore {
             return Ok(());
         }
         let target = self.target.clone();
+        let stats = self.stats.clone();
         let forward =
             env.create_function_from_closure::<Unknown, (), _>("onSseMessage", move |ctx| {
                 let value: Unknown = ctx.get(0)?;
                 let lenient = unsafe { Lenient::from_napi_value(ctx.env.raw(), value.raw())? };
                 match message::from_transport_object(&lenient.0) {
-                    Ok(m) => forward_message(ctx.env, &target, m),
+                    Ok(m) => forward_message(ctx.env, &target, &stats, m),
                     Err(why) => tracing::warn!(error = %why, "skipping a malformed SSE message"),
                 }
                 Ok(())
@@ -555,18 +587,30 @@ impl SseConnectionCore {
             SseSource::Native { client } => Some(client.status()),
             SseSource::Js { .. } => None,
         };
+        // Only a JS transport's messages go to this service's own handler.
+        let own_handler = matches!(
+            (&self.source, &*self.target),
+            (SseSource::Js { .. }, SseTarget::Handler(_))
+        );
         JsSseConnectionStatus {
             running: *lock(&self.running),
             transport_name: self.transport_name.clone(),
             state: native.as_ref().map(|s| s.state.as_str().to_owned()),
             reconnects: native.as_ref().map(|s| s.reconnects as f64),
             last_event_at: native.and_then(|s| s.last_event_at),
+            delivered: own_handler.then(|| self.stats.delivered.load(Ordering::Relaxed) as f64),
+            failed: own_handler.then(|| self.stats.failed.load(Ordering::Relaxed) as f64),
         }
     }
 }
 
 /// On the JS thread: a message from a JS transport's subscription.
-fn forward_message(env: &Env, target: &SseTarget, message: ConduitMessage) {
+fn forward_message(
+    env: &Env,
+    target: &SseTarget,
+    stats: &Arc<HandlerStats>,
+    message: ConduitMessage,
+) {
     match target {
         SseTarget::Poller(queue) => {
             let _ = queue.send(message);
@@ -591,10 +635,26 @@ fn forward_message(env: &Env, target: &SseTarget, message: ConduitMessage) {
                             )
                         }
                     {
-                        tokio_spawn_observe(promise);
+                        let stats = stats.clone();
+                        runtime_context(|| {
+                            tokio::spawn(async move {
+                                match promise.await {
+                                    Ok(_) => stats.delivered.fetch_add(1, Ordering::Relaxed),
+                                    Err(e) => {
+                                        tracing::warn!(error = %describe(&e), "SSE message handler rejected");
+                                        stats.failed.fetch_add(1, Ordering::Relaxed)
+                                    }
+                                };
+                            })
+                        });
+                    } else {
+                        stats.delivered.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                Err(e) => tracing::warn!(error = %describe(&e), "SSE message handler threw"),
+                Err(e) => {
+                    tracing::warn!(error = %describe(&e), "SSE message handler threw");
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }
