@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n=== %s\n' "$*"; }
 
-step "npm ci"
-npm ci --no-audit --no-fund
+step "install JS dependencies (npm ci, else npm install)"
+bash .ci/install.sh
 
 step "native build (release)"
 npm run build
@@ -30,3 +30,6 @@ npx vitest run
 
 step "jest (CommonJS, through the package entry)"
 npx jest --config __test__/jest/jest.config.cjs
+
+step "packaging: the tarballs installed into a fresh project (import, require, types, one message)"
+bash .ci/pack-test.sh
