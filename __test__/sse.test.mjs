@@ -410,7 +410,8 @@ describe('SseTransport (native) against the test server', () => {
     const t = await nativeTransport();
     const got = [];
     t.subscribe((m) => got.push(m.content));
-    const first = Date.parse(t.status().lastEventAt);
+    // Connected means the answer arrived; the first event (`connected`) may follow it.
+    const first = Date.parse(await waitFor(() => t.status().lastEventAt, { what: 'a first event' }));
     await sleep(350);
     sd.sseSendRaw('alice', 'event: heartbeat\ndata: {}\n\n');
     sd.sseSendRaw('alice', 'event: ping\ndata:\n\n');
