@@ -93,3 +93,39 @@ proptest! {
         let _ = mentions(&content, &id);
     }
 }
+
+proptest! {
+    /// Salvaging rows never panics, whatever the bytes; on a valid list it finds exactly the
+    /// rows the parser finds; and corrupting one row's bytes leaves the others as they were.
+    #[test]
+    fn salvaged_rows_match_the_parser_and_survive_corruption(
+        rows in prop::collection::vec(json_value(), 0..6),
+        noise in prop::collection::vec(any::<u8>(), 0..64),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        use cleo_runtime::core::rows::salvage_rows;
+        let _ = salvage_rows(&noise);
+        let body = serde_json::json!({ "success": true, "data": { "messages": rows } }).to_string();
+        // What the parser itself reads (floats may not round-trip exactly through text).
+        let parsed: Value = serde_json::from_str(&body).unwrap();
+        let rows: Vec<Value> = parsed["data"]["messages"].as_array().unwrap().clone();
+        prop_assert_eq!(salvage_rows(body.as_bytes()), Some(rows.clone()));
+        let _ = salvage_rows(&body.as_bytes()[..cut.index(body.len() + 1)]);
+        if rows.len() >= 2 {
+            // A byte that is not UTF-8 inside a string of the first row only.
+            let first = serde_json::json!({ "id": "first", "content": "X" }).to_string().replace('X', "\u{1}");
+            let mut bytes = format!("[{first}").into_bytes();
+            let at = bytes.iter().position(|&b| b == 1).unwrap();
+            bytes[at] = 0xff;
+            for row in &rows {
+                bytes.push(b',');
+                bytes.extend_from_slice(row.to_string().as_bytes());
+            }
+            bytes.push(b']');
+            let salvaged = salvage_rows(&bytes).unwrap();
+            prop_assert_eq!(salvaged[0]["content"].as_str(), Some("\u{FFFD}"));
+            let reread: Vec<Value> = rows.iter().map(|r| serde_json::from_str(&r.to_string()).unwrap()).collect();
+            prop_assert_eq!(&salvaged[1..], &reread[..]);
+        }
+    }
+}

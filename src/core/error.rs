@@ -19,6 +19,8 @@ pub enum Error {
     Network(String),
     /// The answer was not the JSON the contract promises.
     Decode(String),
+    /// The answer was larger than the client reads (a smaller page may fit).
+    TooLarge { limit: usize },
     /// The transport or service is not connected (or was closed).
     NotConnected(String),
     /// A JavaScript callback threw, rejected, or returned the wrong shape.
@@ -65,6 +67,9 @@ impl fmt::Display for Error {
             Error::Timeout => f.write_str("request timed out"),
             Error::Network(why) => write!(f, "network error: {why}"),
             Error::Decode(why) => write!(f, "invalid response: {why}"),
+            Error::TooLarge { limit } => {
+                write!(f, "invalid response: answer larger than {limit} bytes")
+            }
             Error::NotConnected(what) => write!(f, "{what}"),
             Error::Js(why) => write!(f, "JavaScript callback failed: {why}"),
             Error::Storage(why) => f.write_str(why),

@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::clock;
+use super::rows::UNPARSEABLE;
 
 /// The largest `content` the runtime hands to a handler. A hostile or broken server could
 /// otherwise make every handler call allocate without bound.
@@ -41,6 +42,8 @@ pub enum MapError {
     MissingId,
     WrongType(&'static str),
     ContentTooLarge(usize),
+    /// The row was not valid JSON (see [`super::rows`]); the text says why.
+    Unparseable(String),
 }
 
 impl std::fmt::Display for MapError {
@@ -55,6 +58,7 @@ impl std::fmt::Display for MapError {
                     "message content is {len} bytes, over the {MAX_CONTENT_BYTES}-byte cap"
                 )
             }
+            MapError::Unparseable(why) => write!(f, "message is not valid JSON: {why}"),
         }
     }
 }
@@ -64,6 +68,11 @@ impl std::fmt::Display for MapError {
 /// the default `threadId`.
 pub fn from_rest_row(row: &Value, group: Option<&str>) -> Result<ConduitMessage, MapError> {
     let row = row.as_object().ok_or(MapError::NotAnObject)?;
+    if let Some(why) = row.get(UNPARSEABLE) {
+        return Err(MapError::Unparseable(
+            why.as_str().unwrap_or_default().to_owned(),
+        ));
+    }
     Ok(ConduitMessage {
         id: id_of(row.get("id"))?,
         from: text_or(row, &["fromAgentId"], "unknown")?,
@@ -120,6 +129,12 @@ pub fn from_transport_object(value: &Value) -> Result<ConduitMessage, MapError> 
         timestamp: timestamp_of(obj, &["timestamp"])?,
         metadata: metadata_of(obj)?,
     })
+}
+
+/// The id of a row or object that may not map as a whole: what a skipped message is acked
+/// and remembered by.
+pub fn usable_id(value: &Value) -> Option<String> {
+    id_of(value.get("id")).ok()
 }
 
 fn id_of(value: Option<&Value>) -> Result<String, MapError> {

@@ -8,6 +8,7 @@
 //!   `Retry-After`, base-URL failover, encoded path segments).
 //! - [`local`]: the local SignalDock transport (`signaldock.db`, shared with other
 //!   processes), with a commit watcher for realtime delivery.
+//! - [`rows`]: salvaging the rows of a message list whose answer is not valid JSON as a whole.
 //! - [`transport`]: the traits a service needs from a message source or sink, so a JS
 //!   object, a native transport and a test fake are interchangeable.
 //! - One module per service: [`poller`], [`heartbeat`], [`key_rotation`], [`sse`].
@@ -25,7 +26,7 @@ pub mod local;
 pub mod mention;
 pub mod message;
 pub mod poller;
-
+pub mod rows;
 pub mod signaldock;
 pub mod sse;
 pub mod task;

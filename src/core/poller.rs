@@ -9,6 +9,10 @@
 //!   their handler has settled, so a restart does not redeliver what was handled and more
 //!   than one page of pending messages drains.
 //!
+//! A direct row that cannot become a message is counted once and acked (skipped for good),
+//! so bad rows never block the ones behind them; a message offered again after it was
+//! handled is acked again, never handed over twice.
+//!
 //! The queue between them is bounded: a slow handler slows polling (backpressure) instead
 //! of growing memory. Messages pushed over SSE enter the same queue through
 //! [`Poller::offer`], so one message means one handler call whichever path brought it.
@@ -37,7 +41,7 @@ use super::error::Error;
 use super::mention::mentions;
 use super::message::{self, ConduitMessage};
 use super::task::RunningTask;
-use super::transport::{DirectSource, GroupFeed};
+use super::transport::{DirectSource, GroupFeed, Page};
 
 /// Direct messages asked for per poll (API.md: `limit: 50`).
 pub const DIRECT_PAGE: u32 = 50;
@@ -307,6 +311,61 @@ impl Shared {
             .collect()
     }
 
+    /// Counts the page's rows that could not be mapped, each once, and owes an ack for those
+    /// with an id. True when one was seen for the first time.
+    fn reject(&self, page: &Page) -> bool {
+        // A source that only counts its bad rows cannot say which they were: counted each time.
+        let unlisted = page.malformed.saturating_sub(page.rejected.len());
+        self.stats
+            .malformed
+            .fetch_add(unlisted as u64, Ordering::Relaxed);
+        let mut newly = false;
+        let mut acks = Vec::new();
+        {
+            let mut seen = lock(&self.seen);
+            for rejected in &page.rejected {
+                if seen.insert(&rejected.key) {
+                    newly = true;
+                    self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        message_id = rejected.id.as_deref().unwrap_or_default(),
+                        error = %rejected.why,
+                        "skipping a message that cannot be mapped"
+                    );
+                }
+                acks.extend(rejected.id.clone());
+            }
+        }
+        self.owe_acks(acks);
+        newly
+    }
+
+    /// Owes an ack for direct messages offered again after their handler settled.
+    fn ack_again(&self, messages: &[ConduitMessage]) {
+        let again: Vec<String> = {
+            let seen = lock(&self.seen);
+            let queued = lock(&self.queued);
+            messages
+                .iter()
+                .filter(|m| seen.contains(&m.id) && !queued.contains(&m.id))
+                .map(|m| m.id.clone())
+                .collect()
+        };
+        self.owe_acks(again);
+    }
+
+    fn owe_acks(&self, ids: Vec<String>) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut pending = lock(&self.pending_acks);
+        for id in ids {
+            if pending.len() < MAX_PENDING_ACKS && !pending.contains(&id) {
+                pending.push(id);
+            }
+        }
+    }
+
     /// A handler call settled: the id moves from queued to seen (in that order, so that it
     /// is never in neither).
     fn settle(&self, id: &str) {
@@ -320,6 +379,9 @@ impl Shared {
 struct Tracks {
     /// The direct track must not be asked again before this (429 with `Retry-After`).
     direct_not_before: Option<Instant>,
+    /// Messages asked for per direct poll: [`DIRECT_PAGE`], halved while a page is larger
+    /// than the client reads (huge messages), back to full once a page is not full.
+    direct_limit: u32,
     /// High-water mark for the next direct poll, when the last page was full and all seen.
     direct_since: Option<String>,
     groups: HashMap<String, GroupTrack>,
@@ -334,7 +396,66 @@ struct GroupTrack {
     not_before: Option<Instant>,
 }
 
+/// How long a starting poller waits for the final acks of pollers stopped before it.
+const FINAL_ACK_WAIT: Duration = Duration::from_secs(6);
+
+type FinalAcks = Mutex<HashMap<String, Vec<watch::Receiver<()>>>>;
+
+/// Final acks still on their way from stopped pollers, per agent id.
+fn final_acks() -> &'static FinalAcks {
+    static FINAL_ACKS: std::sync::OnceLock<FinalAcks> = std::sync::OnceLock::new();
+    FINAL_ACKS.get_or_init(FinalAcks::default)
+}
+
+/// Held while the final ack of a stopped poller (the ids [`Poller::stop`] returned) is on
+/// its way; dropped when it is done or given up.
+pub struct FinalAckGuard(#[allow(dead_code)] watch::Sender<()>);
+
+/// Registers a final ack for `agent_id`: a poller for the same agent started in this process
+/// before the guard is dropped waits for it (at most [`FINAL_ACK_WAIT`]) before its first
+/// poll, so it is not offered what the stopped poller handled.
+pub fn final_ack_in_flight(agent_id: &str) -> FinalAckGuard {
+    let (done, waiting) = watch::channel(());
+    let mut acks = lock(final_acks());
+    // A receiver whose guard is gone is done: `has_changed` errs once the sender is dropped.
+    acks.retain(|_, list| {
+        list.retain(|rx| rx.has_changed().is_ok());
+        !list.is_empty()
+    });
+    acks.entry(agent_id.to_owned()).or_default().push(waiting);
+    FinalAckGuard(done)
+}
+
+async fn final_acks_done(agent_id: &str) {
+    let waiting: Vec<watch::Receiver<()>> = lock(final_acks())
+        .get(agent_id)
+        .map(|list| {
+            list.iter()
+                .filter(|rx| rx.has_changed().is_ok())
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    if waiting.is_empty() {
+        return;
+    }
+    tracing::debug!(
+        count = waiting.len(),
+        "waiting for the final acks of a stopped poller"
+    );
+    let all = join_all(waiting.into_iter().map(|mut rx| async move {
+        // Never sent to: returns when the guard is dropped.
+        let _ = rx.changed().await;
+    }));
+    let _ = tokio::time::timeout(FINAL_ACK_WAIT, all).await;
+}
+
 async fn poll_loop(shared: Arc<Shared>, queue: mpsc::Sender<Batch>, token: CancellationToken) {
+    // Not offered again what a poller stopped just before us handled: its acks go first.
+    tokio::select! {
+        _ = token.cancelled() => return,
+        _ = final_acks_done(&shared.config.agent_id) => {}
+    }
     let base = shared.config.poll_interval;
     let slow = base.saturating_mul(shared.config.realtime_slowdown.max(1));
     // Due times are compared with the ticks' scheduled instants, so both start from the
@@ -343,7 +464,10 @@ async fn poll_loop(shared: Arc<Shared>, queue: mpsc::Sender<Batch>, token: Cance
     let mut ticks = tokio::time::interval_at(start, base);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut realtime = shared.realtime.subscribe();
-    let mut tracks = Tracks::default();
+    let mut tracks = Tracks {
+        direct_limit: DIRECT_PAGE,
+        ..Tracks::default()
+    };
     let mut direct_due = start;
     let mut groups_due = start;
     // A kick left from before this start (a handler set while stopped) would run a second
@@ -426,12 +550,13 @@ async fn cycle(
 
     let direct_allowed = run_direct && tracks.direct_not_before.is_none_or(|t| now >= t);
     let since = tracks.direct_since.clone();
+    let direct_limit = tracks.direct_limit.clamp(1, DIRECT_PAGE);
     let direct = async move {
         if direct_allowed {
             // Ack what is owed first (an earlier ack may have failed), so the server does
             // not offer it again.
             flush_acks(shared).await;
-            Some(shared.direct.poll(DIRECT_PAGE, since).await)
+            Some(shared.direct.poll(direct_limit, since).await)
         } else {
             None
         }
@@ -471,14 +596,24 @@ async fn cycle(
     if let Some(result) = direct {
         match result {
             Ok(page) => {
-                shared
-                    .stats
-                    .malformed
-                    .fetch_add(page.malformed as u64, Ordering::Relaxed);
-                let full = page.rows >= DIRECT_PAGE as usize;
+                let full = page.rows >= direct_limit as usize;
+                if !full {
+                    tracks.direct_limit = DIRECT_PAGE;
+                }
+                // Rows that cannot be mapped are counted once and acked (skipped for good),
+                // so a page of them cannot block the messages behind it.
+                let newly_rejected = shared.reject(&page);
+                // Offered again after being handled (an ack lost or refused): ack again.
+                shared.ack_again(&page.messages);
                 let last_stamp = page.messages.last().map(|m| m.timestamp.clone());
                 let fresh = shared.fresh(page.messages);
                 tracks.direct_since = match (full, fresh.is_empty()) {
+                    // Full, and rows to skip were found: they are acked before the next
+                    // poll, which then sees past them.
+                    (true, true) if newly_rejected => {
+                        more = true;
+                        None
+                    }
                     // Full of what we already have (handled but ack pending, or queued):
                     // look past it, once per distinct mark.
                     (true, true) if last_stamp != tracks.direct_since => {
@@ -506,6 +641,12 @@ async fn cycle(
             Err(err) => {
                 shared.record_error("direct", &err);
                 tracks.direct_not_before = err.retry_after().map(|wait| now + wait);
+                // A page larger than the client reads: ask for fewer at once. (A single
+                // message over the body cap cannot be read at all; it stays an error.)
+                if matches!(err, Error::TooLarge { .. }) && direct_limit > 1 {
+                    tracks.direct_limit = direct_limit / 2;
+                    more = true;
+                }
             }
         }
     }
@@ -575,14 +716,25 @@ async fn read_group(
     known: Option<&HashSet<String>>,
 ) -> super::error::Result<Vec<Value>> {
     let mut limit = limit;
+    let mut read: Option<Vec<Value>> = None;
     loop {
-        let rows = feed.recent(id, limit).await?;
+        let rows = match feed.recent(id, limit).await {
+            Ok(rows) => rows,
+            // The bigger page is more than the client reads (huge messages): go on with the
+            // page already read, the most that can be read.
+            Err(Error::TooLarge { .. }) if read.is_some() => {
+                tracing::warn!(conversation = %id, limit, "a burst too large to read in full; some mentions may be missed");
+                return Ok(read.unwrap_or_default());
+            }
+            Err(err) => return Err(err),
+        };
         let full = rows.len() >= limit as usize;
         let overlaps =
             known.is_none_or(|known| rows.iter().filter_map(row_id).any(|i| known.contains(&i)));
         if !full || overlaps || limit >= MAX_GROUP_FETCH {
             return Ok(rows);
         }
+        read = Some(rows);
         limit = (limit * 4).min(MAX_GROUP_FETCH);
     }
 }
@@ -633,10 +785,7 @@ async fn delivery_loop(
                 };
                 shared.settle(id);
                 if ack {
-                    let mut pending = lock(&shared.pending_acks);
-                    if pending.len() < MAX_PENDING_ACKS {
-                        pending.push(id.to_owned());
-                    }
+                    shared.owe_acks(vec![id.to_owned()]);
                 }
             })
         };

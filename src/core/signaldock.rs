@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use super::backoff;
 use super::credentials::{ApiKey, Credentials};
 use super::error::{Error, Result};
+use super::rows;
 
 /// The request timeout WIRE.md gives the old client; ours too.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -372,9 +373,9 @@ async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>> {
         match response.chunk().await {
             Ok(Some(chunk)) => {
                 if body.len() + chunk.len() > MAX_BODY_BYTES {
-                    return Err(Error::Decode(format!(
-                        "answer larger than {MAX_BODY_BYTES} bytes"
-                    )));
+                    return Err(Error::TooLarge {
+                        limit: MAX_BODY_BYTES,
+                    });
                 }
                 body.extend_from_slice(&chunk);
             }
@@ -386,12 +387,25 @@ async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>> {
 }
 
 /// The `data` of `{ success, data }`, or the body itself from a server that does not wrap.
+///
+/// An answer that is not valid JSON as a whole but carries a complete message list is read
+/// row by row ([`rows::salvage_rows`]): one broken row must not hide the others.
 fn parse_envelope(bytes: &[u8]) -> Result<Value> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(Value::Null);
     }
-    let mut value: Value =
-        serde_json::from_slice(bytes).map_err(|e| Error::Decode(format!("malformed JSON: {e}")))?;
+    let mut value: Value = match serde_json::from_slice(bytes) {
+        Ok(value) => value,
+        Err(e) => {
+            return match rows::salvage_rows(bytes) {
+                Some(rows) => {
+                    tracing::debug!(error = %e, "answer is not valid JSON as a whole; read its rows one by one");
+                    Ok(json!({ "messages": rows }))
+                }
+                None => Err(Error::Decode(format!("malformed JSON: {e}"))),
+            };
+        }
+    };
     if value.get("success").is_some()
         && let Some(data) = value.get_mut("data")
     {
@@ -494,6 +508,14 @@ mod tests {
         assert_eq!(parse_envelope(br#"{"a":2}"#).unwrap()["a"], 2);
         assert_eq!(parse_envelope(b"  ").unwrap(), Value::Null);
         assert!(matches!(parse_envelope(b"{nope"), Err(Error::Decode(_))));
+        // One row the parser refuses (a lone surrogate) does not take the others down.
+        let rows = messages_of(
+            parse_envelope(br#"{"success":true,"data":{"messages":[{"id":"a","content":"x\ud800"},{"id":"b"}]}}"#)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(rows[0]["content"], "x\u{FFFD}");
+        assert_eq!(rows[1]["id"], "b");
         assert_eq!(messages_of(json!({"messages": [1, 2]})).unwrap().len(), 2);
         assert!(messages_of(json!({"messages": 3})).is_err());
         assert_eq!(

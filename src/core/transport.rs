@@ -3,6 +3,8 @@
 //! A JavaScript transport object, a native transport and a test fake all implement these,
 //! so the poller neither knows nor cares which it is talking to.
 
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
@@ -12,17 +14,48 @@ use super::error::Result;
 use super::message::{ConduitMessage, MapError};
 use super::signaldock::SignalDock;
 
-/// One page of direct messages and how many rows could not be mapped.
+/// One page of direct messages and the rows that could not be mapped.
 #[derive(Debug, Default)]
 pub struct Page {
     pub messages: Vec<ConduitMessage>,
+    /// Rows that could not be mapped. A source that can say which they were lists them in
+    /// `rejected` too, so each is counted once and, when it has an id, acked.
     pub malformed: usize,
     /// Rows the source returned, mapped or not: a full page means more may be waiting.
     pub rows: usize,
+    pub rejected: Vec<Rejected>,
+}
+
+/// A row that could not become a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    /// Its id, when it has a usable one: it is acked (skipped for good) under it.
+    pub id: Option<String>,
+    /// What it is remembered by, so it is counted (and logged) once: its id, else a hash of
+    /// the row.
+    pub key: String,
+    /// Why it could not be mapped.
+    pub why: String,
+}
+
+impl Rejected {
+    pub fn of(row: &Value, why: &MapError) -> Self {
+        let id = super::message::usable_id(row);
+        let key = id.clone().unwrap_or_else(|| {
+            let mut hasher = DefaultHasher::new();
+            row.to_string().hash(&mut hasher);
+            format!("\u{1}row:{:016x}", hasher.finish())
+        });
+        Self {
+            id,
+            key,
+            why: why.to_string(),
+        }
+    }
 }
 
 impl Page {
-    /// Maps raw rows with `map`, keeping the good ones and counting the rest.
+    /// Maps raw rows with `map`, keeping the good ones and listing the rest.
     pub fn from_rows(
         rows: Vec<Value>,
         map: impl Fn(&Value) -> Result<ConduitMessage, MapError>,
@@ -35,8 +68,11 @@ impl Page {
             match map(row) {
                 Ok(message) => page.messages.push(message),
                 Err(why) => {
-                    tracing::warn!(error = %why, "skipping a message that cannot be mapped");
+                    // Logged (once) by whoever counts it: a row the server offers again and
+                    // again would otherwise be a warning every poll.
+                    tracing::debug!(error = %why, "a message that cannot be mapped");
                     page.malformed += 1;
+                    page.rejected.push(Rejected::of(row, &why));
                 }
             }
         }

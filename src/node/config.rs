@@ -94,6 +94,16 @@ impl<'env> Fields<'env> {
             .ok_or_else(|| self.fail(field, "a non-empty string", Some(ValueType::Undefined)))
     }
 
+    /// A required id that goes into a URL path segment: not `.` or `..`, which no URL can
+    /// carry (normalisation resolves them, even percent-encoded).
+    pub fn required_path_id(&self, field: &str) -> Result<String> {
+        let id = self.required_string(field)?;
+        if !usable_in_path(&id) {
+            return Err(self.fail(field, NOT_DOTS, None));
+        }
+        Ok(id)
+    }
+
     /// A string that must parse as an http(s) URL.
     pub fn url(&self, field: &str, required: bool) -> Result<Option<String>> {
         let value = if required {
@@ -180,6 +190,10 @@ impl<'env> Fields<'env> {
             if s.is_empty() {
                 return Err(self.fail(&format!("{field}[{i}]"), "a non-empty string", None));
             }
+            // Every string array is a list of ids that go into URL paths.
+            if !usable_in_path(&s) {
+                return Err(self.fail(&format!("{field}[{i}]"), NOT_DOTS, None));
+            }
             items.push(s);
         }
         Ok(Some(items))
@@ -215,6 +229,13 @@ impl<'env> Fields<'env> {
             Some(v) => Err(self.fail(field, "a function", Some(v.get_type()?))),
         }
     }
+}
+
+const NOT_DOTS: &str = "an id usable in a URL path (not \".\" or \"..\")";
+
+/// False for `.` and `..`: see [`crate::core::signaldock::endpoint`].
+pub fn usable_in_path(id: &str) -> bool {
+    !matches!(id, "." | "..")
 }
 
 /// The first of `methods` that `object` lacks as a function.

@@ -32,6 +32,15 @@ impl HeartbeatCore {
         api_base_url: &str,
         interval: std::time::Duration,
     ) -> Result<Arc<Self>> {
+        if !super::config::usable_in_path(credentials.agent_id()) {
+            return Err(Error::new(
+                Status::InvalidArg,
+                format!(
+                    "heartbeat: the agent id {:?} cannot be used as an id in a URL path",
+                    credentials.agent_id()
+                ),
+            ));
+        }
         let client = SignalDock::new(credentials, api_base_url, None)
             .map_err(|e| Error::new(Status::InvalidArg, e.to_string()))?;
         Ok(Arc::new(Self {
@@ -65,7 +74,7 @@ impl HeartbeatService {
     #[napi(constructor)]
     pub fn new(env: Env, config: Unknown) -> Result<Self> {
         let fields = Fields::new(&env, "HeartbeatService", Some(config), false)?;
-        let agent_id = fields.required_string("agentId")?;
+        let agent_id = fields.required_path_id("agentId")?;
         let api_key = fields.required_string("apiKey")?;
         let api_base_url = fields.url("apiBaseUrl", true)?.unwrap_or_default();
         let interval = fields

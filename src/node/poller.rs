@@ -138,18 +138,45 @@ impl PollerCore {
             }
             DirectPath::Native(source) => {
                 let source = source.clone();
+                // A poller started for the same agent waits for this ack before it polls.
+                let guard = crate::core::poller::final_ack_in_flight(&self.core.config().agent_id);
                 Some(Box::pin(async move {
-                    let ack = tokio::time::timeout(Duration::from_secs(5), source.ack(handled));
-                    if !matches!(ack.await, Ok(Ok(()))) {
-                        tracing::warn!(
-                            "final ack on stop failed; those messages may be offered again"
-                        );
-                    }
+                    final_ack(source, handled).await;
+                    drop(guard);
                 }))
             }
         }
     }
 }
+
+/// The final ack of what a stopped poller handled: retried (the server may be failing a
+/// share of requests) within [`FINAL_ACK_BUDGET`]. What it cannot ack is offered again to the
+/// next runtime (at-least-once); nothing keeps the process alive for it.
+async fn final_ack(source: Arc<dyn DirectSource>, ids: Vec<String>) {
+    let deadline = tokio::time::Instant::now() + FINAL_ACK_BUDGET;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let error = match tokio::time::timeout_at(deadline, source.ack(ids.clone())).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_owned(),
+        };
+        if tokio::time::Instant::now() + pause >= deadline {
+            tracing::warn!(
+                error,
+                count = ids.len(),
+                "final ack on stop failed; those messages may be offered again"
+            );
+            return;
+        }
+        tracing::debug!(error, "final ack on stop failed; retrying");
+        tokio::time::sleep(pause).await;
+        pause *= 2;
+    }
+}
+
+/// How long a stopped poller keeps trying to ack what it handled.
+const FINAL_ACK_BUDGET: Duration = Duration::from_secs(5);
 
 /// Polls SignalDock for direct messages and group @mentions and hands each message, once,
 /// to the handler set with `onMessage`.

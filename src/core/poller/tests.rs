@@ -100,7 +100,7 @@ fn page(messages: Vec<ConduitMessage>) -> Page {
     Page {
         rows: messages.len(),
         messages,
-        malformed: 0,
+        ..Page::default()
     }
 }
 
@@ -612,6 +612,33 @@ async fn a_restart_delivers_what_was_queued_but_not_handled() {
     assert!(r.direct.pending_ids().is_empty());
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_new_poller_waits_for_the_final_ack_of_one_stopped_before_it() {
+    // Its own agent id: the registry of final acks is process-wide.
+    let r = Rig::with_config(&[], |c| c.agent_id = "final-ack-test".into());
+    r.direct.push(dms(1..=2));
+    let guard = final_ack_in_flight("final-ack-test");
+    r.handle();
+    r.poller.start();
+    r.at(300).await;
+    assert!(
+        r.direct.polls().is_empty(),
+        "waits while the final ack is on its way"
+    );
+    drop(guard);
+    r.at(310).await;
+    assert_eq!(r.direct.poll_times(), [300]);
+    assert_eq!(r.handler.ids(), ["d1", "d2"]);
+
+    // A guard never dropped holds the next start back for FINAL_ACK_WAIT at most.
+    r.poller.stop();
+    let _stuck = final_ack_in_flight("final-ack-test");
+    r.direct.push(dms(3..=3));
+    r.poller.start();
+    r.at(310 + FINAL_ACK_WAIT.as_millis() as u64 + 10).await;
+    assert_eq!(r.handler.ids(), ["d1", "d2", "d3"]);
+}
+
 // ---------------------------------------------------------------------------------------
 // Dedup and order
 
@@ -642,7 +669,8 @@ async fn one_handler_call_per_id_across_tracks_cycles_and_contents() {
     assert_eq!(r.handler.ids(), strings(&["x1", "d2", "g5", "d3"]));
     let calls = r.handler.calls();
     assert_eq!(calls[0].1.content, "direct x1", "first seen wins");
-    assert_eq!(r.direct.acked(), strings(&["x1", "d2", "d3"]));
+    // x1, offered again after it was handled and acked, is acked again (not handled again).
+    assert_eq!(r.direct.acked(), strings(&["x1", "d2", "x1", "d3"]));
     assert!(r.poller.offer(message_with("g5", "again", 9)).await);
     r.at(2600).await;
     assert_eq!(r.handler.count(), 4, "offer dedups against polling");
@@ -910,6 +938,66 @@ async fn malformed_rows_are_counted_once_and_skipped() {
         "a row already read is not counted again"
     );
     assert_eq!(r.handler.count(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rows_that_cannot_be_mapped_are_counted_once_acked_and_never_block_the_inbox() {
+    let r = Rig::new(&[]);
+    // A full page of rows that cannot be mapped (ids, wrong content types), and one without
+    // any usable id, in front of a good message.
+    let bad: Vec<Value> = (0..DIRECT_PAGE)
+        .map(|i| json!({"id": format!("bad{i}"), "content": i, "createdAt": stamp(i)}))
+        .collect();
+    let page_of_bad = || Page::from_rows(bad.clone(), |v| message::from_rest_row(v, None));
+    r.direct.with(|s| {
+        s.script.push_back(Ok(page_of_bad()));
+        s.script.push_back(Ok(Page::from_rows(
+            vec![json!({"content": "no id"}), json!({"content": "no id"})],
+            |v| message::from_rest_row(v, None),
+        )));
+    });
+    r.direct.push(dms(100..=100));
+    r.handle();
+    r.poller.start();
+    r.at(10).await;
+    // The full page of bad rows made the next poll come at once, after their ack.
+    assert_eq!(r.direct.poll_times()[..2], [0, 0]);
+    let acked = r.direct.acked();
+    assert_eq!(acked.len(), DIRECT_PAGE as usize);
+    assert!(acked.iter().all(|id| id.starts_with("bad")));
+    assert_eq!(r.poller.status().malformed, DIRECT_PAGE as u64 + 1);
+    r.at(1010).await;
+    assert_eq!(r.handler.ids(), ["d100"]);
+
+    // Offered again (an ack the server lost): acked again, not counted again.
+    r.direct.with(|s| s.script.push_back(Ok(page_of_bad())));
+    r.at(3010).await;
+    assert_eq!(r.poller.status().malformed, DIRECT_PAGE as u64 + 1);
+    assert_eq!(r.direct.acked().len(), 2 * DIRECT_PAGE as usize + 1);
+    assert_eq!(r.handler.count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_page_too_large_to_read_is_asked_for_in_smaller_pages() {
+    let r = Rig::new(&[]);
+    let too_large = || Err(Error::TooLarge { limit: 32 });
+    r.direct.with(|s| {
+        s.script.push_back(too_large());
+        s.script.push_back(too_large());
+    });
+    r.direct.push(dms(1..=3));
+    r.handle();
+    r.poller.start();
+    r.at(10).await;
+    let limits: Vec<u32> = r.direct.polls().iter().map(|p| p.limit).collect();
+    assert_eq!(limits, [50, 25, 12], "halved, at once");
+    assert_eq!(r.handler.ids(), ["d1", "d2", "d3"]);
+    r.at(1010).await;
+    assert_eq!(
+        r.direct.polls()[3].limit,
+        50,
+        "back to full once a page was not full"
+    );
 }
 
 #[tokio::test(start_paused = true)]
