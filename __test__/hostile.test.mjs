@@ -175,25 +175,25 @@ describe('native transports: constructors and connect() configs', () => {
     const t = makers[name]();
     cleanup.push(() => t.disconnect());
     const cases = [
-      ['agentId', 5],
+      ['config', 5],
       ['agentId', {}],
       ['agentId', { ...good(), agentId: 5 }],
       ['apiKey', { ...good(), apiKey: null }],
       ['apiKey', { ...good(), apiKey: 123 }],
       ['apiBaseUrl', { agentId: 'alice', apiKey: 'key-a' }],
       ['apiBaseUrl', { ...good(), apiBaseUrl: [] }],
-      ['nonsense', { ...good(), apiBaseUrl: 'nonsense' }],
-      ['ftp://x', { ...good(), apiBaseUrl: 'ftp://x' }],
+      ['apiBaseUrl', { ...good(), apiBaseUrl: 'nonsense' }],
+      ['apiBaseUrl', { ...good(), apiBaseUrl: 'ftp://x' }],
       ['sseEndpoint', { ...good(), sseEndpoint: 5 }],
       ['pollIntervalMs', { ...good(), pollIntervalMs: 'x' }],
       ['apiBaseUrlFallback', { ...good(), apiBaseUrlFallback: 7 }],
     ];
     for (const [field, config] of cases) {
       const e = await failure(() => t.connect(config));
-      expect(e, `${name} ${field}`).toBeInstanceOf(Error);
+      expect(e, `${name} ${field}`).toBeInstanceOf(TypeError);
       expect(e.message, `${name} ${field}`).toContain(field);
     }
-    await failure(() => t.connect());
+    expect(await failure(() => t.connect())).toBeInstanceOf(TypeError);
     await t.connect(good());
     sd.sendDirect('bob', 'alice', 'after the bad configs');
     await waitFor(async () => (await t.poll()).length === 1, { what: 'a poll that works' });
@@ -201,12 +201,14 @@ describe('native transports: constructors and connect() configs', () => {
 
   it('LocalTransport: a wrong dbPath type fails clearly, a missing file names the path', async () => {
     const e = await failure(() => new LocalTransport({ dbPath: 5 }));
-    expect(e).toBeInstanceOf(Error);
+    expect(e).toBeInstanceOf(TypeError);
     expect(e.message).toContain('dbPath');
+    expect(await failure(() => new LocalTransport(5))).toBeInstanceOf(TypeError);
     const t = new LocalTransport({ dbPath: '/nonexistent/dir/signaldock.db' });
     const c = await failure(() => t.connect({ agentId: 'alice', apiKey: 'k', apiBaseUrl: 'local' }));
     expect(c.message).toContain('signaldock.db not found at /nonexistent/dir/signaldock.db');
     const a = await failure(() => t.connect({ apiKey: 'k', apiBaseUrl: 'local' }));
+    expect(a).toBeInstanceOf(TypeError);
     expect(a.message).toContain('agentId');
   });
 

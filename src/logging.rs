@@ -15,8 +15,10 @@ pub const LOG_ENV: &str = "CLEO_RUNTIME_LOG";
 pub fn init() {
     static INIT: Once = Once::new();
     INIT.call_once(|| {
+        // Unset, empty or unparsable: the default (warnings), never silence.
         let filter = std::env::var(LOG_ENV)
             .ok()
+            .filter(|spec| !spec.trim().is_empty())
             .and_then(|spec| EnvFilter::try_new(spec).ok())
             .unwrap_or_else(|| EnvFilter::new("warn"));
         // A host process may already have a global subscriber; then we log through it.

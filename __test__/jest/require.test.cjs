@@ -26,8 +26,9 @@ test('a poller delivers through a fake transport under Jest', async () => {
   });
   poller.start();
   await done;
+  // Acks go out once each handler has settled; wait for them before stopping.
+  for (let i = 0; i < 500 && acked.length < 2; i++) await new Promise((r) => setTimeout(r, 10));
   poller.stop();
   expect(got).toEqual(['j1', 'j2']);
-  await new Promise((r) => setTimeout(r, 100));
   expect(acked.sort()).toEqual(['j1', 'j2']);
 });

@@ -89,6 +89,17 @@ impl<'env> Fields<'env> {
         }
     }
 
+    /// A string, empty allowed (a local agent's unused `apiKey`).
+    pub fn any_string(&self, field: &str) -> Result<Option<String>> {
+        match self.raw(field)? {
+            None => Ok(None),
+            Some(v) if v.get_type()? == ValueType::String => Ok(Some(unsafe {
+                String::from_napi_value(self.env.raw(), v.raw())?
+            })),
+            Some(v) => Err(self.fail(field, "a string", Some(v.get_type()?))),
+        }
+    }
+
     pub fn required_string(&self, field: &str) -> Result<String> {
         self.string(field)?
             .ok_or_else(|| self.fail(field, "a non-empty string", Some(ValueType::Undefined)))

@@ -22,7 +22,7 @@ use super::adapters::{HandlerRef, JsMessage, JsTransport};
 use super::config::Fields;
 use super::js::{JsThread, KeepAlive, Lenient, describe, type_error};
 use super::runtime_context;
-use super::transports::{PollOptions, PushOptions, PushResult, TransportConnectConfig};
+use super::transports::{PollOptions, PushOptions, PushResult};
 use crate::core::credentials::{ApiKey, Credentials};
 use crate::core::message::{self, ConduitMessage};
 use crate::core::signaldock::SignalDock;
@@ -200,12 +200,17 @@ impl SseTransport {
 
     /// Opens the stream (`sseEndpoint`, default `{apiBaseUrl}/messages/stream`); resolves once
     /// it is connected, or after 3 s while it keeps trying in the background.
-    #[napi(ts_return_type = "Promise<void>")]
+    #[napi(
+        ts_args_type = "config: TransportConnectConfig",
+        ts_return_type = "Promise<void>"
+    )]
     pub fn connect<'env>(
         &self,
         env: &'env Env,
-        config: TransportConnectConfig,
+        config: Unknown<'env>,
     ) -> Result<PromiseRaw<'env, ()>> {
+        let config =
+            super::transports::read_connect_config(env, "SseTransport.connect", config, true)?;
         let credentials = match &self.shared_credentials {
             Some(shared) => shared.clone(),
             None => Credentials::new(&config.agent_id, ApiKey::new(config.api_key.as_str())),

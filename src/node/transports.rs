@@ -11,6 +11,7 @@ use napi_derive::napi;
 use tokio_util::sync::CancellationToken;
 
 use super::adapters::{JsHandler, JsMessage};
+use super::config::Fields;
 use super::js::{JsThread, KeepAlive};
 use crate::core::credentials::{ApiKey, Credentials};
 use crate::core::delivery::{Handler, Outcome, Settled};
@@ -48,6 +49,44 @@ pub struct PushResult {
 pub struct PollOptions {
     pub limit: Option<u32>,
     pub since: Option<String>,
+}
+
+/// Reads a `connect()` config with `TypeError`s naming the field (a napi conversion would
+/// throw a plain `Error` with napi's own wording).
+///
+/// `rest`: the transport talks to SignalDock over HTTP, so `apiKey` is required and
+/// `apiBaseUrl` must be an http(s) URL; the local transport needs only `agentId`.
+pub fn read_connect_config(
+    env: &Env,
+    owner: &'static str,
+    value: Unknown<'_>,
+    rest: bool,
+) -> Result<TransportConnectConfig> {
+    let fields = Fields::new(env, owner, Some(value), false)?;
+    let agent_id = fields.required_string("agentId")?;
+    let (api_key, api_base_url) = match rest {
+        true => (
+            fields.required_string("apiKey")?,
+            fields.url("apiBaseUrl", true)?.unwrap_or_default(),
+        ),
+        false => (
+            fields.any_string("apiKey")?.unwrap_or_default(),
+            fields.any_string("apiBaseUrl")?.unwrap_or_default(),
+        ),
+    };
+    let poll_interval_ms = fields
+        .positive_ms("pollIntervalMs")?
+        .map(|d| d.as_secs_f64() * 1000.0);
+    Ok(TransportConnectConfig {
+        agent_id,
+        api_key,
+        api_base_url,
+        poll_interval_ms,
+        sse_endpoint: fields.url("sseEndpoint", false)?,
+        ws_url: fields.string("wsUrl")?,
+        poll_endpoint: fields.string("pollEndpoint")?,
+        api_base_url_fallback: fields.url("apiBaseUrlFallback", false)?,
+    })
 }
 
 /// The connected client, shared with the runtime that owns the transport so its `stop()`
@@ -134,17 +173,31 @@ impl HttpTransport {
         "http"
     }
 
-    #[napi]
-    pub async fn connect(&self, config: TransportConnectConfig) -> Result<()> {
-        self.connect_native(
-            &config.agent_id,
-            &config.api_key,
-            &config.api_base_url,
-            config.api_base_url_fallback.as_deref(),
-        )
-        .await
-        .map(drop)
-        .map_err(to_js)
+    #[napi(
+        ts_args_type = "config: TransportConnectConfig",
+        ts_return_type = "Promise<void>"
+    )]
+    pub fn connect<'env>(
+        &self,
+        env: &'env Env,
+        config: Unknown<'env>,
+    ) -> Result<PromiseRaw<'env, ()>> {
+        let config = read_connect_config(env, "HttpTransport.connect", config, true)?;
+        let (slot, shared) = (self.client.clone(), self.shared_credentials.clone());
+        env.spawn_future(async move {
+            let credentials = shared.unwrap_or_else(|| {
+                Credentials::new(&config.agent_id, ApiKey::new(config.api_key.as_str()))
+            });
+            let client = SignalDock::new(
+                credentials,
+                &config.api_base_url,
+                config.api_base_url_fallback.as_deref(),
+            )
+            .map_err(to_js)?;
+            client.choose_base().await;
+            *lock(&slot) = Some(Arc::new(client));
+            Ok(())
+        })
     }
 
     #[napi]
@@ -212,13 +265,6 @@ impl Default for HttpTransport {
     }
 }
 
-/// `new LocalTransport(options?)`.
-#[napi(object)]
-pub struct LocalTransportOptions {
-    /// The database file; default `$CLEO_DIR/signaldock.db`, else `<cwd>/.cleo/signaldock.db`.
-    pub db_path: Option<String>,
-}
-
 /// The database path a runtime uses when nothing names one.
 pub fn default_local_db_path() -> std::path::PathBuf {
     let cwd = std::env::current_dir().unwrap_or_default();
@@ -260,10 +306,11 @@ impl LocalTransport {
 
 #[napi]
 impl LocalTransport {
-    #[napi(constructor)]
-    pub fn new(env: Env, options: Option<LocalTransportOptions>) -> Result<Self> {
+    #[napi(constructor, ts_args_type = "options?: LocalTransportOptions")]
+    pub fn new(env: Env, options: Option<Unknown>) -> Result<Self> {
+        let fields = Fields::new(&env, "LocalTransport", options, true)?;
         Ok(Self {
-            db_path: options.and_then(|o| o.db_path).map(Into::into),
+            db_path: fields.string("dbPath")?.map(Into::into),
             connected: Arc::default(),
             js: JsThread::new(&env)?,
             subscriptions: Arc::default(),
@@ -301,17 +348,28 @@ impl LocalTransport {
         Ok(shown)
     }
 
-    #[napi]
-    pub async fn connect(&self, config: TransportConnectConfig) -> Result<()> {
+    #[napi(
+        ts_args_type = "config: TransportConnectConfig",
+        ts_return_type = "Promise<void>"
+    )]
+    pub fn connect<'env>(
+        &self,
+        env: &'env Env,
+        config: Unknown<'env>,
+    ) -> Result<PromiseRaw<'env, ()>> {
+        let config = read_connect_config(env, "LocalTransport.connect", config, false)?;
         let path = self.db_path.clone().unwrap_or_else(default_local_db_path);
-        let core = local::LocalTransport::connect(path, config.agent_id)
-            .await
-            .map_err(to_js)?;
-        let old = lock(&self.connected).replace(core);
-        if let Some(old) = old {
-            old.disconnect().await;
-        }
-        Ok(())
+        let connected = self.connected.clone();
+        env.spawn_future(async move {
+            let core = local::LocalTransport::connect(path, config.agent_id)
+                .await
+                .map_err(to_js)?;
+            let old = lock(&connected).replace(core);
+            if let Some(old) = old {
+                old.disconnect().await;
+            }
+            Ok(())
+        })
     }
 
     #[napi]

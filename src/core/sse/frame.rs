@@ -39,7 +39,11 @@ pub fn classify(event_type: &str, data: &str, agent_id: &str) -> Frame {
     if data.trim().is_empty() {
         return Frame::Skip(Skip::Empty);
     }
-    let payload: Value = match serde_json::from_str(data) {
+    // The server marked a pushed message delivered: a frame with a broken character (a lone
+    // surrogate escape from a JS server) is repaired like a polled row, not dropped.
+    let payload: Value = match serde_json::from_str(data)
+        .or_else(|_| serde_json::from_str(&crate::core::rows::repair(data.as_bytes())))
+    {
         Ok(payload) => payload,
         Err(e) => return Frame::Malformed(format!("data is not JSON: {e}")),
     };
@@ -159,6 +163,20 @@ mod tests {
             ("m2", "bob", "yo")
         );
         assert_eq!(b.thread_id.as_deref(), Some("c2"));
+    }
+
+    #[test]
+    fn a_lone_surrogate_is_repaired_not_dropped() {
+        let m = delivered(classify(
+            "message",
+            r#"{"message_id":"m1","from_agent_id":"bob","content":"cut \ud83d!"}"#,
+            "alice",
+        ));
+        assert_eq!(m.content, "cut \u{fffd}!");
+        assert!(matches!(
+            classify("message", "{not json", "alice"),
+            Frame::Malformed(_)
+        ));
     }
 
     #[test]
