@@ -348,6 +348,25 @@ pub fn describe(err: &Error) -> String {
     }
 }
 
+/// For a method that returns a promise: `err` came from [`type_error`], so the `TypeError` is
+/// pending; take it back and make it the promise's rejection (callers `.catch` it or await
+/// it, and a synchronous throw from a promise-returning method would surprise them).
+pub fn rejected<'env, T: ToNapiValue + Send + 'static>(
+    env: &'env Env,
+    err: Error,
+) -> Result<PromiseRaw<'env, T>> {
+    let mut pending = false;
+    check_status!(unsafe { sys::napi_is_exception_pending(env.raw(), &mut pending) })?;
+    let reason = if pending {
+        let mut thrown = std::ptr::null_mut();
+        check_status!(unsafe { sys::napi_get_and_clear_last_exception(env.raw(), &mut thrown) })?;
+        Error::from(unsafe { Unknown::from_raw_unchecked(env.raw(), thrown) })
+    } else {
+        err
+    };
+    env.spawn_future(async move { Err::<T, Error>(reason) })
+}
+
 /// Throws a `TypeError` and returns the error that tells napi it is already thrown.
 pub fn type_error(env: &Env, message: impl AsRef<str>) -> Error {
     let message = message.as_ref();

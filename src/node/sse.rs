@@ -210,7 +210,11 @@ impl SseTransport {
         config: Unknown<'env>,
     ) -> Result<PromiseRaw<'env, ()>> {
         let config =
-            super::transports::read_connect_config(env, "SseTransport.connect", config, true)?;
+            match super::transports::read_connect_config(env, "SseTransport.connect", config, true)
+            {
+                Ok(config) => config,
+                Err(e) => return super::js::rejected(env, e),
+            };
         let credentials = match &self.shared_credentials {
             Some(shared) => shared.clone(),
             None => Credentials::new(&config.agent_id, ApiKey::new(config.api_key.as_str())),

@@ -182,7 +182,10 @@ impl HttpTransport {
         env: &'env Env,
         config: Unknown<'env>,
     ) -> Result<PromiseRaw<'env, ()>> {
-        let config = read_connect_config(env, "HttpTransport.connect", config, true)?;
+        let config = match read_connect_config(env, "HttpTransport.connect", config, true) {
+            Ok(config) => config,
+            Err(e) => return super::js::rejected(env, e),
+        };
         let (slot, shared) = (self.client.clone(), self.shared_credentials.clone());
         env.spawn_future(async move {
             let credentials = shared.unwrap_or_else(|| {
@@ -357,7 +360,10 @@ impl LocalTransport {
         env: &'env Env,
         config: Unknown<'env>,
     ) -> Result<PromiseRaw<'env, ()>> {
-        let config = read_connect_config(env, "LocalTransport.connect", config, false)?;
+        let config = match read_connect_config(env, "LocalTransport.connect", config, false) {
+            Ok(config) => config,
+            Err(e) => return super::js::rejected(env, e),
+        };
         let path = self.db_path.clone().unwrap_or_else(default_local_db_path);
         let connected = self.connected.clone();
         env.spawn_future(async move {
