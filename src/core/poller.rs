@@ -516,7 +516,11 @@ async fn poll_loop(shared: Arc<Shared>, queue: mpsc::Sender<Batch>, token: Cance
         // dropping does not poll every conversation again.
         let run_groups = now >= groups_due;
         if run_groups {
-            groups_due = now + base;
+            // Keep the phase: a late run (the loop was waiting on a full queue) does not push
+            // every later one back.
+            while groups_due <= now {
+                groups_due += base;
+            }
         }
         if !run_direct && !run_groups {
             continue;
@@ -606,6 +610,17 @@ async fn cycle(
                 // Offered again after being handled (an ack lost or refused): ack again.
                 shared.ack_again(&page.messages);
                 let last_stamp = page.messages.last().map(|m| m.timestamp.clone());
+                // The newest stamp strictly older than the page's last: polling past it skips
+                // the page just queued (not acked yet, so offered again) while rows sharing
+                // the last stamp are read again and deduplicated, never skipped.
+                let below_last = last_stamp.as_ref().and_then(|last| {
+                    page.messages
+                        .iter()
+                        .map(|m| &m.timestamp)
+                        .filter(|t| *t < last)
+                        .max()
+                        .cloned()
+                });
                 let fresh = shared.fresh(page.messages);
                 tracks.direct_since = match (full, fresh.is_empty()) {
                     // Full, and rows to skip were found: they are acked before the next
@@ -622,7 +637,7 @@ async fn cycle(
                     }
                     (true, false) => {
                         more = true;
-                        None
+                        below_last
                     }
                     _ => None,
                 };

@@ -743,8 +743,8 @@ async fn a_full_page_already_seen_moves_the_high_water_mark_and_failed_acks_are_
     };
     assert_eq!(
         r.direct.polls(),
-        [want(0, None), want(0, None), want(0, Some(stamp(50)))],
-        "page 1 again, all seen: look past its last message"
+        [want(0, None), want(0, Some(stamp(49)))],
+        "a full page of new messages: the next poll looks past it at once (rows sharing its last stamp are read again)"
     );
     let status = r.poller.status();
     assert_eq!(status.pending_acks, 60);
@@ -1042,9 +1042,14 @@ async fn a_slow_handler_bounds_what_is_pulled_and_everything_arrives_once() {
     r.at(7500).await;
     assert_eq!(r.direct.acked(), names("d", 1..=3000));
     assert!(r.direct.pending_ids().is_empty());
-    // Catching up the direct backlog does not re-poll the groups: they keep the interval.
+    // Catching up the direct backlog does not re-poll the groups: they keep the interval
+    // (a run may come late while the loop waits on the full queue, never early or extra).
     let group_times = r.groups.request_times("g");
-    assert_eq!(group_times, (0..=7).map(|s| s * 1000).collect::<Vec<_>>());
+    assert!((6..=8).contains(&group_times.len()), "{group_times:?}");
+    for (i, pair) in group_times.windows(2).enumerate() {
+        assert!(pair[0] >= i as u64 * 1000, "{group_times:?}");
+        assert!(pair[1] - pair[0] >= 900, "{group_times:?}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
