@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::Result;
 use super::signaldock::SignalDock;
+use super::sync::lock;
 use super::task::RunningTask;
 
 /// The default interval (API.md).
@@ -140,10 +141,6 @@ async fn run(
             }
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

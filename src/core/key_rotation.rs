@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::clock;
 use super::credentials::{ApiKey, Credentials};
 use super::error::Result;
+use super::sync::lock;
 use super::task::RunningTask;
 
 /// What the rotation service reads from a registry's credential.
@@ -204,10 +205,6 @@ impl Check {
         }
         Ok(())
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

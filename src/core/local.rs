@@ -22,7 +22,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -35,6 +35,7 @@ use uuid::Uuid;
 use super::clock;
 use super::error::{Error, Result};
 use super::message::{ConduitMessage, MAX_CONTENT_BYTES, MapError};
+use super::sync::lock;
 use super::task::RunningTask;
 use super::transport::{DirectSource, Page};
 
@@ -749,10 +750,6 @@ fn not_connected() -> Error {
 
 fn task_failed(err: tokio::task::JoinError) -> Error {
     Error::Storage(format!("signaldock.db task failed: {err}"))
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 //! - [`transport`]: the traits a service needs from a message source or sink, so a JS
 //!   object, a native transport and a test fake are interchangeable.
 //! - One module per service: [`poller`], [`heartbeat`], [`key_rotation`], [`sse`].
+//! - [`sync`]: locking that survives a panic elsewhere.
 //! - [`task`]: a running loop's cancellation token and join handle.
 
 pub mod backoff;
@@ -29,5 +30,6 @@ pub mod poller;
 pub mod rows;
 pub mod signaldock;
 pub mod sse;
+pub mod sync;
 pub mod task;
 pub mod transport;

@@ -40,6 +40,7 @@ use super::delivery::{Handler, Outcome, Settled};
 use super::error::Error;
 use super::mention::mentions;
 use super::message::{self, ConduitMessage};
+use super::sync::lock;
 use super::task::RunningTask;
 use super::transport::{DirectSource, GroupFeed, Page};
 
@@ -829,10 +830,6 @@ async fn flush_acks(shared: &Shared) {
         // The server offers them again meanwhile; dedup keeps them from the handler.
         Err(err) => shared.record_error("ack", &err),
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

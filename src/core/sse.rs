@@ -55,6 +55,7 @@ use super::credentials::{ApiKey, Credentials};
 use super::error::{Error, Result};
 use super::message::ConduitMessage;
 use super::signaldock::{MAX_RETRY_AFTER, endpoint, parse_base_url};
+use super::sync::lock;
 use super::task::RunningTask;
 
 /// A stream must stay up this long before the backoff starts again from its base.
@@ -583,8 +584,4 @@ fn log_pause(failures: u32, end: End, pause: Pause, error: Option<&str>) {
     } else {
         tracing::debug!(error, failures, delay_ms, ?end, "SSE stream reconnecting");
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

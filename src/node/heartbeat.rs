@@ -1,14 +1,13 @@
 //! `HeartbeatService`: the JS class over [`crate::core::heartbeat::Heartbeat`].
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use napi::Env;
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
 use super::config::Fields;
-use super::js::KeepAlive;
-use super::runtime_context;
+use super::js::Liveness;
 use crate::core::credentials::{ApiKey, Credentials};
 use crate::core::heartbeat::{DEFAULT_INTERVAL, Heartbeat};
 use crate::core::signaldock::SignalDock;
@@ -23,7 +22,7 @@ pub struct JsHeartbeatStatus {
 
 pub struct HeartbeatCore {
     pub core: Heartbeat,
-    live: Mutex<Option<KeepAlive>>,
+    live: Liveness,
 }
 
 impl HeartbeatCore {
@@ -45,21 +44,17 @@ impl HeartbeatCore {
             .map_err(|e| Error::new(Status::InvalidArg, e.to_string()))?;
         Ok(Arc::new(Self {
             core: Heartbeat::new(Arc::new(client), interval),
-            live: Mutex::new(None),
+            live: Liveness::default(),
         }))
     }
 
     pub fn start(&self, env: &Env) -> Result<()> {
-        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        if runtime_context(|| self.core.start()) {
-            *live = Some(KeepAlive::new(env)?);
-        }
-        Ok(())
+        self.live.start(env, || self.core.start())
     }
 
     pub fn stop(&self) {
         self.core.stop();
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.live.release();
     }
 }
 

@@ -31,6 +31,7 @@ use napi::{Env, Status, sys};
 use serde_json::{Map, Number, Value};
 
 use crate::core::error::Error as CoreError;
+use crate::core::sync::lock;
 
 /// Closures queued per service before callers wait.
 pub const QUEUE_SIZE: usize = 512;
@@ -89,7 +90,7 @@ impl JsThread {
             let handle = slot.clone();
             let status = self.queue.call(
                 Box::new(move |env: &Env| {
-                    let job = handle.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    let job = lock(&handle).take();
                     if let Some(job) = job {
                         job(env);
                     }
@@ -123,6 +124,31 @@ impl KeepAlive {
             .max_queue_size::<1>()
             .build_callback(|_ctx: ThreadsafeCallContext<()>| Ok(()))?;
         Ok(Self { _tsfn: tsfn })
+    }
+}
+
+/// A service's hold on the Node process: taken when the service starts, released by `stop()`.
+#[derive(Default)]
+pub struct Liveness(Mutex<Option<KeepAlive>>);
+
+impl Liveness {
+    /// Runs `start` inside the tokio runtime; when it started something, holds the process.
+    pub fn start(&self, env: &Env, start: impl FnOnce() -> bool) -> Result<()> {
+        let mut held = lock(&self.0);
+        if super::runtime_context(start) {
+            *held = Some(KeepAlive::new(env)?);
+        }
+        Ok(())
+    }
+
+    /// Holds the process (for something already started).
+    pub fn hold(&self, env: &Env) -> Result<()> {
+        *lock(&self.0) = Some(KeepAlive::new(env)?);
+        Ok(())
+    }
+
+    pub fn release(&self) {
+        lock(&self.0).take();
     }
 }
 
@@ -245,7 +271,7 @@ impl PersistentObject {
     }
 
     pub fn get<'env>(&self, env: &'env Env) -> Result<Object<'env>> {
-        let guard = self.reference.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = lock(&self.reference);
         match guard.as_ref() {
             Some(reference) => reference.get_value(env),
             None => Err(Error::new(
@@ -320,11 +346,7 @@ pub fn apply<'env, A: JsValuesTupleIntoVec>(
 
 impl Drop for PersistentObject {
     fn drop(&mut self) {
-        let reference = self
-            .reference
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let reference = lock(&self.reference).take();
         if let Some(reference) = reference {
             // Releasing a reference must happen on the JS thread. If the queue is gone the
             // environment is tearing down and frees it anyway.

@@ -1,6 +1,6 @@
 //! `KeyRotationService`: the JS class over [`crate::core::key_rotation::KeyRotation`].
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use napi::Env;
 use napi::bindgen_prelude::*;
@@ -8,8 +8,7 @@ use napi_derive::napi;
 
 use super::adapters::JsRegistry;
 use super::config::Fields;
-use super::js::{JsThread, KeepAlive};
-use super::runtime_context;
+use super::js::{JsThread, Liveness};
 use crate::core::credentials::Credentials;
 use crate::core::key_rotation::{KeyRotation, KeyRotationConfig};
 
@@ -25,7 +24,7 @@ pub struct JsKeyRotationStatus {
 
 pub struct KeyRotationCore {
     pub core: KeyRotation,
-    live: Mutex<Option<KeepAlive>>,
+    live: Liveness,
 }
 
 impl KeyRotationCore {
@@ -36,21 +35,17 @@ impl KeyRotationCore {
     ) -> Arc<Self> {
         Arc::new(Self {
             core: KeyRotation::new(registry, credentials, config),
-            live: Mutex::new(None),
+            live: Liveness::default(),
         })
     }
 
     pub fn start(&self, env: &Env) -> Result<()> {
-        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        if runtime_context(|| self.core.start()) {
-            *live = Some(KeepAlive::new(env)?);
-        }
-        Ok(())
+        self.live.start(env, || self.core.start())
     }
 
     pub fn stop(&self) {
         self.core.stop();
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.live.release();
     }
 }
 

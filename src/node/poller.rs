@@ -1,17 +1,16 @@
 //! `AgentPoller`: the JS class over [`crate::core::poller::Poller`].
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-
 use napi::Env;
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
 use super::adapters::{HandlerRef, JsHandler, JsMessage, JsTransport};
 use super::config::Fields;
-use super::js::{JsThread, KeepAlive, type_error};
+use super::js::{JsThread, Liveness, type_error};
 use super::runtime_context;
 use crate::core::credentials::{ApiKey, Credentials};
 use crate::core::poller::{Poller, PollerConfig, PollerStatus};
@@ -61,7 +60,7 @@ pub struct PollerCore {
     pub core: Poller,
     direct: DirectPath,
     js: JsThread,
-    live: Mutex<Option<KeepAlive>>,
+    live: Liveness,
 }
 
 /// Settings for building a poller, from a JS config or from `createRuntime`.
@@ -103,7 +102,7 @@ impl PollerCore {
             core: Poller::new(config, source, groups),
             direct,
             js,
-            live: Mutex::new(None),
+            live: Liveness::default(),
         }))
     }
 
@@ -113,11 +112,7 @@ impl PollerCore {
     }
 
     pub fn start(&self, env: &Env) -> Result<()> {
-        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        if runtime_context(|| self.core.start()) {
-            *live = Some(KeepAlive::new(env)?);
-        }
-        Ok(())
+        self.live.start(env, || self.core.start())
     }
 
     /// Stops at once; what was handled but not yet acked is acked on the way out: through
@@ -125,7 +120,7 @@ impl PollerCore {
     /// natively in the returned future, which the caller runs (before closing the transport).
     pub fn stop(&self, env: &Env) -> Option<BoxFuture<'static, ()>> {
         let handled = self.core.stop();
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.live.release();
         if handled.is_empty() {
             return None;
         }

@@ -33,6 +33,7 @@ use crate::core::message::ConduitMessage;
 use crate::core::poller::PollerConfig;
 use crate::core::signaldock::SignalDock;
 use crate::core::sse::{SseClient, SseConfig, SseSink, SseState};
+use crate::core::sync::lock;
 use crate::core::task::RunningTask;
 use crate::core::transport::PeekSource;
 
@@ -191,16 +192,16 @@ impl NativeRuntime {
 
     #[napi]
     pub fn take_poller(&self) -> Option<AgentPoller> {
-        let parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
-        let mut handed = self.handed.lock().unwrap_or_else(|e| e.into_inner());
+        let parts = lock(&self.parts);
+        let mut handed = lock(&self.handed);
         (!std::mem::replace(&mut handed.poller, true))
             .then(|| parts.poller.clone().map(|inner| AgentPoller { inner }))?
     }
 
     #[napi]
     pub fn take_heartbeat(&self) -> Option<HeartbeatService> {
-        let parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
-        let mut handed = self.handed.lock().unwrap_or_else(|e| e.into_inner());
+        let parts = lock(&self.parts);
+        let mut handed = lock(&self.handed);
         (!std::mem::replace(&mut handed.heartbeat, true)).then(|| {
             parts
                 .heartbeat
@@ -211,8 +212,8 @@ impl NativeRuntime {
 
     #[napi]
     pub fn take_key_rotation(&self) -> Option<KeyRotationService> {
-        let parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
-        let mut handed = self.handed.lock().unwrap_or_else(|e| e.into_inner());
+        let parts = lock(&self.parts);
+        let mut handed = lock(&self.handed);
         (!std::mem::replace(&mut handed.key_rotation, true)).then(|| {
             parts
                 .key_rotation
@@ -224,8 +225,8 @@ impl NativeRuntime {
     /// The SSE connection service, or null when no SSE endpoint is known.
     #[napi]
     pub fn take_sse_connection(&self) -> Option<SseConnectionService> {
-        let parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
-        let mut handed = self.handed.lock().unwrap_or_else(|e| e.into_inner());
+        let parts = lock(&self.parts);
+        let mut handed = lock(&self.handed);
         (!std::mem::replace(&mut handed.sse, true)).then(|| {
             parts
                 .sse
@@ -237,23 +238,17 @@ impl NativeRuntime {
     /// The transport the runtime resolved itself (null when the caller gave one).
     #[napi(ts_return_type = "HttpTransport | SseTransport | LocalTransport | null")]
     pub fn take_transport(&self) -> Option<OwnTransport> {
-        self.own_transport
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+        lock(&self.own_transport).take()
     }
 
     /// Stops everything, in order: SSE connection, heartbeat, key rotation, poller,
     /// transport. Best-effort and idempotent; never throws.
     #[napi]
     pub fn stop(&self, env: Env) {
-        if std::mem::replace(
-            &mut *self.stopped.lock().unwrap_or_else(|e| e.into_inner()),
-            true,
-        ) {
+        if std::mem::replace(&mut *lock(&self.stopped), true) {
             return;
         }
-        let parts = std::mem::take(&mut *self.parts.lock().unwrap_or_else(|e| e.into_inner()));
+        let parts = std::mem::take(&mut *lock(&self.parts));
         if let Some(sse) = &parts.sse {
             match sse.stop(&env) {
                 Ok(stopped) => {
@@ -291,7 +286,7 @@ impl NativeRuntime {
                     final_ack.await;
                 }
                 if let Some(slot) = http_slot {
-                    slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    lock(&slot).take();
                 }
                 if let Some(local) = local {
                     local.disconnect().await;

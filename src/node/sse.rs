@@ -20,13 +20,14 @@ use tokio::sync::Notify;
 
 use super::adapters::{HandlerRef, JsMessage, JsTransport};
 use super::config::Fields;
-use super::js::{JsThread, KeepAlive, Lenient, describe, type_error};
+use super::js::{JsThread, Lenient, Liveness, describe, type_error};
 use super::runtime_context;
 use super::transports::{PollOptions, PushOptions, PushResult};
 use crate::core::credentials::{ApiKey, Credentials};
 use crate::core::message::{self, ConduitMessage};
 use crate::core::signaldock::SignalDock;
 use crate::core::sse::{SseClient, SseConfig, SseSink, SseState};
+use crate::core::sync::lock;
 use crate::core::transport::Page;
 
 /// Stream messages held for `poll()` while nobody subscribes; past it the stream waits.
@@ -139,7 +140,7 @@ pub struct SseTransport {
     connected: Arc<Mutex<Option<Connected>>>,
     shared_credentials: Option<Arc<Credentials>>,
     js: JsThread,
-    live: Mutex<Option<KeepAlive>>,
+    live: Liveness,
 }
 
 impl SseTransport {
@@ -176,7 +177,7 @@ impl SseTransport {
             }))),
             shared_credentials: None,
             js,
-            live: Mutex::new(None),
+            live: Liveness::default(),
         })
     }
 }
@@ -189,7 +190,7 @@ impl SseTransport {
             connected: Arc::default(),
             shared_credentials: None,
             js: JsThread::new(&env)?,
-            live: Mutex::new(None),
+            live: Liveness::default(),
         })
     }
 
@@ -246,7 +247,7 @@ impl SseTransport {
             old.client.stop();
         }
         runtime_context(|| client.start(inbox));
-        *lock(&self.live) = Some(KeepAlive::new(env)?);
+        self.live.hold(env)?;
         let mut states = client.states();
         env.spawn_future(async move {
             let _ =
@@ -261,7 +262,7 @@ impl SseTransport {
         if let Some(old) = lock(&self.connected).take() {
             old.client.stop();
         }
-        lock(&self.live).take();
+        self.live.release();
         env.spawn_future(async { Ok(()) })
     }
 
@@ -456,7 +457,7 @@ pub struct SseConnectionCore {
     target: Arc<SseTarget>,
     running: Mutex<bool>,
     transport_name: String,
-    live: Mutex<Option<KeepAlive>>,
+    live: Liveness,
     stats: Arc<HandlerStats>,
 }
 
@@ -467,7 +468,7 @@ impl SseConnectionCore {
             target: Arc::new(target),
             running: Mutex::new(false),
             transport_name,
-            live: Mutex::new(None),
+            live: Liveness::default(),
             stats: Arc::default(),
         })
     }
@@ -477,7 +478,7 @@ impl SseConnectionCore {
         if std::mem::replace(&mut *lock(&self.running), true) {
             return Ok(Box::pin(async { Ok(()) }));
         }
-        *lock(&self.live) = Some(KeepAlive::new(env)?);
+        self.live.hold(env)?;
         let this = self.clone();
         Ok(Box::pin(async move {
             let SseSource::Js {
@@ -548,7 +549,7 @@ impl SseConnectionCore {
     /// happen now; the returned future waits for `disconnect()` to settle.
     pub fn stop(&self, env: &Env) -> Result<BoxFuture<'static, Result<()>>> {
         *lock(&self.running) = false;
-        lock(&self.live).take();
+        self.live.release();
         match &self.source {
             SseSource::Native { client } => {
                 client.stop();
@@ -581,7 +582,7 @@ impl SseConnectionCore {
     /// For the runtime's native stream, already started: running, and keeping Node alive.
     pub fn mark_running(&self, env: &Env) -> Result<()> {
         *lock(&self.running) = true;
-        *lock(&self.live) = Some(KeepAlive::new(env)?);
+        self.live.hold(env)?;
         Ok(())
     }
 
@@ -735,8 +736,4 @@ impl SseConnectionService {
     pub fn status(&self) -> JsSseConnectionStatus {
         self.inner.status()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -18,6 +18,7 @@ use crate::core::delivery::{Handler, Outcome, Settled};
 use crate::core::local;
 use crate::core::message;
 use crate::core::signaldock::SignalDock;
+use crate::core::sync::lock;
 use crate::core::task::RunningTask;
 use crate::core::transport::{Page, PeekSource};
 
@@ -148,7 +149,7 @@ impl HttpTransport {
         };
         let client = Arc::new(SignalDock::new(credentials, base, fallback)?);
         client.choose_base().await;
-        *self.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(client.clone());
+        *lock(&self.client) = Some(client.clone());
         Ok(client)
     }
 
@@ -205,7 +206,7 @@ impl HttpTransport {
 
     #[napi]
     pub async fn disconnect(&self) -> Result<()> {
-        self.client.lock().unwrap_or_else(|e| e.into_inner()).take();
+        lock(&self.client).take();
         Ok(())
     }
 
@@ -520,8 +521,4 @@ async fn deliver_commits(
             changed = commits.changed() => if changed.is_err() { return },
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
