@@ -23,7 +23,7 @@
 //! group messages).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -130,6 +130,13 @@ struct Shared {
     /// One ack request at a time (the delivery loop and the poll loop both flush).
     acking: tokio::sync::Mutex<()>,
     queue: Mutex<Option<mpsc::Sender<Batch>>>,
+    /// Held by whoever is handing a batch to the handler: the delivery loop, or
+    /// [`Poller::offer`] taking the short way when nothing else is waiting.
+    delivering: tokio::sync::Mutex<()>,
+    /// Batches sent to the queue and not yet delivered.
+    in_queue: AtomicUsize,
+    /// The delivery loop's token, for deliveries made outside it.
+    delivery_token: Mutex<Option<CancellationToken>>,
 }
 
 struct Running {
@@ -166,6 +173,9 @@ impl Poller {
                 direct_requested: AtomicBool::new(false),
                 pending_acks: Mutex::new(Vec::new()),
                 acking: tokio::sync::Mutex::new(()),
+                delivering: tokio::sync::Mutex::new(()),
+                in_queue: AtomicUsize::new(0),
+                delivery_token: Mutex::new(None),
                 queue: Mutex::new(None),
             }),
             running: Mutex::new(None),
@@ -201,6 +211,7 @@ impl Poller {
         *lock(&self.shared.queue) = Some(tx.clone());
         let shared = self.shared.clone();
         let delivery = RunningTask::spawn(|token| delivery_loop(shared, rx, token));
+        *lock(&self.shared.delivery_token) = Some(delivery.token().clone());
         let shared = self.shared.clone();
         let poll = RunningTask::spawn(|token| poll_loop(shared, tx, token));
         *running = Some(Running { poll, delivery });
@@ -214,6 +225,7 @@ impl Poller {
             return Vec::new();
         };
         *lock(&self.shared.queue) = None;
+        lock(&self.shared.delivery_token).take();
         running.poll.stop();
         running.delivery.stop();
         // Dropped with the queue, never handled: a later start must take them again.
@@ -252,13 +264,22 @@ impl Poller {
         if messages.is_empty() {
             return true;
         }
-        let sent = queue
-            .send(Batch {
-                messages,
-                ack: false,
-            })
-            .await
-            .is_ok();
+        let batch = Batch {
+            messages,
+            ack: false,
+        };
+        // The short way for the realtime path: with nothing queued and nobody delivering,
+        // hand the message over from here, skipping a hop through the delivery task (a
+        // cross-thread wake-up that would add tens of microseconds to every SSE message).
+        let token = lock(&self.shared.delivery_token).clone();
+        if let (Some(handler), Some(token)) = (self.shared.handler(), token)
+            && let Ok(_turn) = self.shared.delivering.try_lock()
+            && self.shared.in_queue.load(Ordering::Acquire) == 0
+        {
+            deliver_batch(&self.shared, handler, batch, token).await;
+            return true;
+        }
+        let sent = enqueue(&self.shared, &queue, batch).await;
         if !sent {
             lock(&self.shared.queued).remove(&id);
         }
@@ -643,13 +664,15 @@ async fn cycle(
                     _ => None,
                 };
                 if !fresh.is_empty()
-                    && queue
-                        .send(Batch {
+                    && !enqueue(
+                        shared,
+                        queue,
+                        Batch {
                             messages: fresh,
                             ack: true,
-                        })
-                        .await
-                        .is_err()
+                        },
+                    )
+                    .await
                 {
                     return false;
                 }
@@ -710,13 +733,15 @@ async fn cycle(
     }
     let fresh = shared.fresh(group_messages);
     if !fresh.is_empty()
-        && queue
-            .send(Batch {
+        && !enqueue(
+            shared,
+            queue,
+            Batch {
                 messages: fresh,
                 ack: false,
-            })
-            .await
-            .is_err()
+            },
+        )
+        .await
     {
         return false;
     }
@@ -787,30 +812,52 @@ async fn delivery_loop(
                 _ = registered => {}
             }
         };
-        let ack = batch.ack;
-        let settled: Settled = {
-            let shared = shared.clone();
-            Arc::new(move |id: &str, outcome: Outcome| {
-                match outcome {
-                    Outcome::Handled => shared.stats.delivered.fetch_add(1, Ordering::Relaxed),
-                    Outcome::Failed(why) => {
-                        tracing::warn!(message_id = id, error = %why, "message handler failed");
-                        *lock(&shared.stats.last_error) = Some(format!("handler: {why}"));
-                        shared.stats.failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                shared.settle(id);
-                if ack {
-                    shared.owe_acks(vec![id.to_owned()]);
+        let _turn = shared.delivering.lock().await;
+        deliver_batch(&shared, handler, batch, token.clone()).await;
+        shared.in_queue.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Sends a batch to the delivery loop (waiting while the queue is full); false when the
+/// poller stopped.
+async fn enqueue(shared: &Shared, queue: &mpsc::Sender<Batch>, batch: Batch) -> bool {
+    shared.in_queue.fetch_add(1, Ordering::AcqRel);
+    let sent = queue.send(batch).await.is_ok();
+    if !sent {
+        shared.in_queue.fetch_sub(1, Ordering::AcqRel);
+    }
+    sent
+}
+
+/// Hands one batch to the handler, counting outcomes and owing acks for direct messages.
+/// The caller holds `shared.delivering`.
+async fn deliver_batch(
+    shared: &Arc<Shared>,
+    handler: Arc<dyn Handler>,
+    batch: Batch,
+    token: CancellationToken,
+) {
+    let ack = batch.ack;
+    let settled: Settled = {
+        let shared = shared.clone();
+        Arc::new(move |id: &str, outcome: Outcome| {
+            match outcome {
+                Outcome::Handled => shared.stats.delivered.fetch_add(1, Ordering::Relaxed),
+                Outcome::Failed(why) => {
+                    tracing::warn!(message_id = id, error = %why, "message handler failed");
+                    *lock(&shared.stats.last_error) = Some(format!("handler: {why}"));
+                    shared.stats.failed.fetch_add(1, Ordering::Relaxed)
                 }
-            })
-        };
-        handler
-            .deliver(batch.messages, settled, token.clone())
-            .await;
-        if ack {
-            flush_acks(&shared).await;
-        }
+            };
+            shared.settle(id);
+            if ack {
+                shared.owe_acks(vec![id.to_owned()]);
+            }
+        })
+    };
+    handler.deliver(batch.messages, settled, token).await;
+    if ack {
+        flush_acks(shared).await;
     }
 }
 

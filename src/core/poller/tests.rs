@@ -1132,3 +1132,33 @@ async fn poll_now_polls_direct_messages_at_once_without_an_extra_group_poll() {
     r.at(3000).await;
     assert_eq!(r.direct.poll_times(), [0, 300, 1000]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn offered_messages_keep_their_order_whichever_way_they_are_handed_over() {
+    let r = Rig::new(&[]);
+    r.handle();
+    r.poller.start();
+    r.at(10).await;
+    // Idle: handed over straight from the caller, and settled before offer() returns.
+    assert!(r.poller.offer(message_with("s1", "first", 1)).await);
+    assert_eq!(r.handler.ids(), strings(&["s1"]));
+    // While a polled batch is queued or being delivered, offers queue behind it, in order.
+    r.direct.push(dms(1..=3));
+    r.poller.poll_now();
+    let offers = async {
+        for i in 2..=5 {
+            assert!(
+                r.poller
+                    .offer(message_with(&format!("s{i}"), "next", i))
+                    .await
+            );
+        }
+    };
+    tokio::join!(offers, r.at(50));
+    r.at(100).await;
+    let ids = r.handler.ids();
+    let sse: Vec<&String> = ids.iter().filter(|id| id.starts_with('s')).collect();
+    assert_eq!(sse, ["s1", "s2", "s3", "s4", "s5"]);
+    assert_eq!(ids.len(), 8);
+    assert_eq!(r.poller.status().delivered, 8);
+}
