@@ -157,6 +157,7 @@ struct Parts {
     js_transport: Option<Arc<JsTransport>>,
     http_slot: Option<super::transports::ClientSlot>,
     local: Option<local::LocalTransport>,
+    local_slot: Option<LocalSlot>,
     /// Tasks that connect the parts: stream state → poller speed, local commits → poll now,
     /// JS SSE messages → poller.
     bridges: Vec<RunningTask>,
@@ -277,16 +278,19 @@ impl NativeRuntime {
         {
             tracing::warn!(error = %super::js::describe(&e), "transport.disconnect() failed during stop");
         }
-        // Native transports close after the poller's last ack went out on them.
-        let http_slot = parts.http_slot.clone();
+        // The handed-out transport objects refuse calls from now on; the native connection
+        // closes after the poller's last ack went out on it (the ack holds its own handle).
+        if let Some(slot) = &parts.http_slot {
+            lock(slot).take();
+        }
+        if let Some(slot) = &parts.local_slot {
+            lock(slot).take();
+        }
         let local = parts.local.clone();
         runtime_context(|| {
             tokio::spawn(async move {
                 if let Some(final_ack) = final_ack {
                     final_ack.await;
-                }
-                if let Some(slot) = http_slot {
-                    lock(&slot).take();
                 }
                 if let Some(local) = local {
                     local.disconnect().await;
@@ -513,6 +517,7 @@ async fn build(
             // Started now, so nothing that arrives is lost; without a handler it only waits.
             poller.start(env)?;
             let mut bridges = Vec::new();
+            let mut local_slot = None;
             let sse = match realtime {
                 Realtime::None => None,
                 Realtime::Native(client) => {
@@ -576,10 +581,12 @@ async fn build(
                 }
                 OwnParts::Local(local) => {
                     bridges.push(runtime_context(|| bridge_commits(local.clone(), poller.clone())));
-                    Some(Either3::C(LocalTransport::from_core(env, local)?))
+                    let transport = LocalTransport::from_core(env, local)?;
+                    local_slot = Some(transport.slot());
+                    Some(Either3::C(transport))
                 }
             };
-            Ok(Started { poller, heartbeat, key_rotation, sse, own, bridges })
+            Ok(Started { poller, heartbeat, key_rotation, sse, own, bridges, local_slot })
         })
         .await
         .map_err(|e| scrub(format!("createRuntime: {e}")))?;
@@ -588,6 +595,7 @@ async fn build(
     parts.key_rotation = started.key_rotation;
     parts.sse = started.sse;
     parts.bridges = started.bridges;
+    parts.local_slot = started.local_slot;
     Ok(NativeRuntime {
         agent_id,
         parts: Mutex::new(parts),
@@ -605,7 +613,10 @@ struct Started {
     sse: Option<Arc<SseConnectionCore>>,
     own: Option<OwnTransport>,
     bridges: Vec<RunningTask>,
+    local_slot: Option<LocalSlot>,
 }
+
+type LocalSlot = Arc<Mutex<Option<local::LocalTransport>>>;
 
 /// The resolved transport's pieces, before its JS object is made on the JS thread.
 enum OwnParts {

@@ -298,6 +298,11 @@ impl LocalTransport {
         })
     }
 
+    /// The connection slot, for the runtime that owns this transport to close at `stop()`.
+    pub fn slot(&self) -> Arc<Mutex<Option<local::LocalTransport>>> {
+        self.connected.clone()
+    }
+
     fn core(&self) -> Result<local::LocalTransport> {
         lock(&self.connected).clone().ok_or_else(|| {
             Error::new(
