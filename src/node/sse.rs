@@ -274,19 +274,7 @@ impl SseTransport {
         options: Option<PushOptions>,
     ) -> Result<PushResult> {
         let (_, rest, _) = self.connected()?;
-        let options = options.unwrap_or(PushOptions {
-            conversation_id: None,
-            reply_to: None,
-        });
-        let id = match &options.conversation_id {
-            Some(conversation) => {
-                rest.send_to_conversation(conversation, &content, options.reply_to.as_deref())
-                    .await
-            }
-            None => rest.send_direct(&to, &content).await,
-        }
-        .map_err(|e| Error::new(Status::GenericFailure, format!("push failed: {e}")))?;
-        Ok(PushResult { message_id: id })
+        super::transports::rest_push(&rest, &to, &content, options).await
     }
 
     /// What the stream delivered (not yet taken by a subscriber) plus what the server queued.
@@ -336,9 +324,7 @@ impl SseTransport {
     #[napi]
     pub async fn ack(&self, message_ids: Vec<String>) -> Result<()> {
         let (_, rest, _) = self.connected()?;
-        rest.ack(&message_ids)
-            .await
-            .map_err(|e| Error::new(Status::GenericFailure, format!("ack failed: {e}")))
+        super::transports::rest_ack(&rest, &message_ids).await
     }
 
     /// Calls `handler` for each message the stream delivers from now on (and for what was

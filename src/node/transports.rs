@@ -105,6 +105,35 @@ fn rest_error(client: &SignalDock, what: &str, err: crate::core::error::Error) -
     Error::new(Status::GenericFailure, text)
 }
 
+/// `push(to, content, options)` over REST: a direct message, or into a conversation.
+/// Shared by the HTTP and SSE transports.
+pub async fn rest_push(
+    client: &SignalDock,
+    to: &str,
+    content: &str,
+    options: Option<PushOptions>,
+) -> Result<PushResult> {
+    let id = match options.as_ref().and_then(|o| o.conversation_id.as_deref()) {
+        Some(conversation) => {
+            let reply_to = options.as_ref().and_then(|o| o.reply_to.as_deref());
+            client
+                .send_to_conversation(conversation, content, reply_to)
+                .await
+        }
+        None => client.send_direct(to, content).await,
+    }
+    .map_err(|e| rest_error(client, "push", e))?;
+    Ok(PushResult { message_id: id })
+}
+
+/// `ack(ids)` over REST, shared by the HTTP and SSE transports.
+pub async fn rest_ack(client: &SignalDock, message_ids: &[String]) -> Result<()> {
+    client
+        .ack(message_ids)
+        .await
+        .map_err(|e| rest_error(client, "ack", e))
+}
+
 /// SignalDock over plain HTTP: `push`, `poll` (peek), `ack`, with failover to
 /// `apiBaseUrlFallback`.
 #[napi(js_name = "HttpTransport")]
@@ -218,20 +247,7 @@ impl HttpTransport {
         options: Option<PushOptions>,
     ) -> Result<PushResult> {
         let client = self.client()?;
-        let options = options.unwrap_or(PushOptions {
-            conversation_id: None,
-            reply_to: None,
-        });
-        let id = match &options.conversation_id {
-            Some(conversation) => {
-                client
-                    .send_to_conversation(conversation, &content, options.reply_to.as_deref())
-                    .await
-            }
-            None => client.send_direct(&to, &content).await,
-        }
-        .map_err(|e| rest_error(&client, "push", e))?;
-        Ok(PushResult { message_id: id })
+        rest_push(&client, &to, &content, options).await
     }
 
     #[napi]
@@ -256,10 +272,7 @@ impl HttpTransport {
     #[napi]
     pub async fn ack(&self, message_ids: Vec<String>) -> Result<()> {
         let client = self.client()?;
-        client
-            .ack(&message_ids)
-            .await
-            .map_err(|e| rest_error(&client, "ack", e))
+        rest_ack(&client, &message_ids).await
     }
 }
 
