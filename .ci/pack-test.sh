@@ -181,7 +181,7 @@ pass "types: tsc --strict --noEmit of consumer.mts against the installed index.d
 
 # ---------------------------------------------------------------- 5c. one message end to end
 # A coprocess: its stdin is a pipe this script holds, so the server also exits if we are killed.
-coproc SIGNALDOCK { exec node "$REPO/__test__/support/signaldock-server.mjs" --agents alice:key-a,bob:key-b >"$WORK/server.out" 2>"$WORK/server.err"; }
+coproc SIGNALDOCK { exec node "$REPO/testing/signaldock-server.mjs" --agents alice:key-a,bob:key-b >"$WORK/server.out" 2>"$WORK/server.err"; }
 SERVER_PID=$SIGNALDOCK_PID
 for _ in $(seq 1 100); do
   [ -s "$WORK/server.out" ] && break

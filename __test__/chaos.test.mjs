@@ -18,10 +18,10 @@ import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import { createRuntime } from '@cleocode/runtime';
-import { startSignalDock } from './support/signaldock-server.mjs';
+import { startSignalDock } from '../testing/signaldock-server.mjs';
 import { FakeRegistry, credential, runChild, sleep, waitFor } from './support/helpers.mjs';
 
-const SERVER_MODULE = new URL('./support/signaldock-server.mjs', import.meta.url).href;
+const SERVER_MODULE = new URL('../testing/signaldock-server.mjs', import.meta.url).href;
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const KEY = 'sk-chaos-Alpha1';
 const cleanup = [];

@@ -10,10 +10,10 @@ import {
   AgentPoller, HeartbeatService, HttpTransport, KeyRotationService, LocalTransport, SseConnectionService,
   SseTransport, createRuntime,
 } from '@cleocode/runtime';
-import { startSignalDock } from './support/signaldock-server.mjs';
+import { startSignalDock } from '../testing/signaldock-server.mjs';
 import { FakeRegistry, credential, runChild, sleep, waitFor } from './support/helpers.mjs';
 
-const SERVER_MODULE = new URL('./support/signaldock-server.mjs', import.meta.url).href;
+const SERVER_MODULE = new URL('../testing/signaldock-server.mjs', import.meta.url).href;
 let sd;
 const cleanup = [];
 beforeEach(async () => { sd = await startSignalDock({ agents: { alice: 'key-a', bob: 'key-b' } }); });

@@ -2,7 +2,7 @@
 // after stop() the process exits by itself, promptly, even with a handler or a registry call
 // still pending; creating and stopping many runtimes leaks neither memory nor threads.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { startSignalDock } from './support/signaldock-server.mjs';
+import { startSignalDock } from '../testing/signaldock-server.mjs';
 import { runChild } from './support/helpers.mjs';
 
 let sd;

@@ -2,7 +2,7 @@
 // against JS fake transports, as the cleo dispatch layer and callers' tests use it.
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { AgentPoller } from '@cleocode/runtime';
-import { startSignalDock } from './support/signaldock-server.mjs';
+import { startSignalDock } from '../testing/signaldock-server.mjs';
 import { FakeTransport, message, sleep, waitFor } from './support/helpers.mjs';
 
 let sd;

@@ -2,7 +2,7 @@
 // JS fake registries and transports and the project's SignalDock test server.
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { HeartbeatService, KeyRotationService, createRuntime } from '@cleocode/runtime';
-import { startSignalDock } from './support/signaldock-server.mjs';
+import { startSignalDock } from '../testing/signaldock-server.mjs';
 import { FakeRegistry, FakeTransport, credential, message, sleep, waitFor } from './support/helpers.mjs';
 
 const NO_CRED = 'No agent credential found. Run: cleo agent register --id <id> --api-key <key>';

@@ -4,7 +4,7 @@
 // Scenarios run in child processes, whose stderr (the log) and stdout are scanned whole.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentPoller, HeartbeatService, HttpTransport } from '@cleocode/runtime';
-import { startSignalDock } from './support/signaldock-server.mjs';
+import { startSignalDock } from '../testing/signaldock-server.mjs';
 import { runChild, waitFor } from './support/helpers.mjs';
 
 // Distinctive keys, so a hit is never a coincidence.

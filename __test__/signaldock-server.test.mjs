@@ -1,5 +1,5 @@
 /**
- * Self-test of the SignalDock test server (__test__/support/signaldock-server.mjs).
+ * Self-test of the SignalDock test server (testing/signaldock-server.mjs).
  *
  * The runtime's own tests trust this server to behave like WIRE.md says, so every
  * behaviour they lean on is pinned here: auth, the peek/ack lifecycle, conversation
@@ -13,9 +13,9 @@ import http from 'node:http';
 import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { startSignalDock, dmConversationId } from './support/signaldock-server.mjs';
+import { startSignalDock, dmConversationId } from '../testing/signaldock-server.mjs';
 
-const SERVER_PATH = fileURLToPath(new URL('./support/signaldock-server.mjs', import.meta.url));
+const SERVER_PATH = fileURLToPath(new URL('../testing/signaldock-server.mjs', import.meta.url));
 const AGENTS = { alice: 'key-a', bob: 'key-b' };
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 

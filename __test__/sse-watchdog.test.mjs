@@ -4,7 +4,7 @@
 // vitest runs files in parallel, so this wait does not add to the rest of sse.test.mjs.
 import { afterEach, describe, expect, it } from 'vitest';
 import { SseTransport } from '@cleocode/runtime';
-import { startSignalDock } from './support/signaldock-server.mjs';
+import { startSignalDock } from '../testing/signaldock-server.mjs';
 import { sleep, waitFor } from './support/helpers.mjs';
 
 const servers = [];

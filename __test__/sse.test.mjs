@@ -9,7 +9,7 @@
 // them are exact.
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { SseConnectionService, SseTransport, createRuntime } from '@cleocode/runtime';
-import { startSignalDock } from './support/signaldock-server.mjs';
+import { startSignalDock } from '../testing/signaldock-server.mjs';
 import { FakeRegistry, credential, message, sleep, waitFor } from './support/helpers.mjs';
 
 const KEY_PARAMS = ['token', 'api_key', 'apiKey', 'key', 'agent_id'];

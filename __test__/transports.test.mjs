@@ -9,7 +9,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import {
   AgentPoller, HttpTransport, LocalTransport, SseConnectionService, SseTransport, createRuntime,
 } from '@cleocode/runtime';
-import { startSignalDock } from './support/signaldock-server.mjs';
+import { startSignalDock } from '../testing/signaldock-server.mjs';
 import { FakeRegistry, credential, sleep, waitFor } from './support/helpers.mjs';
 
 const HTTP_NOT_CONNECTED = 'HttpTransport is not connected: call connect() first';

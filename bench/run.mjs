@@ -39,7 +39,7 @@ import { nowMs, sleep, summarize, median } from './common.mjs';
 const BENCH = dirname(fileURLToPath(import.meta.url));
 const ROOT = resolve(BENCH, '..');
 const SCENARIO = join(BENCH, 'scenario.mjs');
-const SERVER = join(ROOT, '__test__', 'support', 'signaldock-server.mjs');
+const SERVER = join(ROOT, 'testing', 'signaldock-server.mjs');
 const QUICK = /^(1|true|yes)$/i.test(process.env.BENCH_QUICK ?? '');
 const ONLY = process.env.BENCH_ONLY ? new Set(process.env.BENCH_ONLY.split(',').map((s) => s.trim())) : null;
 

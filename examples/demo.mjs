@@ -12,7 +12,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { createRuntime, LocalTransport } from '@cleocode/runtime';
-import { startSignalDock } from '../__test__/support/signaldock-server.mjs';
+import { startSignalDock } from '../testing/signaldock-server.mjs';
 
 const ROUNDS = 5;
 const deadline = setTimeout(() => {

@@ -82,12 +82,12 @@ fn wall_secs() -> f64 {
 
 #[test]
 fn default_db_path_prefers_a_non_empty_cleo_dir() {
-    let cwd = Path::new("/work/project");
+    let cwd = Path::new("/srv/project");
     for (cleo_dir, want) in [
-        (None, "/work/project/.cleo/signaldock.db"),
-        (Some(""), "/work/project/.cleo/signaldock.db"),
+        (None, "/srv/project/.cleo/signaldock.db"),
+        (Some(""), "/srv/project/.cleo/signaldock.db"),
         (Some("/var/cleo"), "/var/cleo/signaldock.db"),
-        (Some("state/cleo"), "/work/project/state/cleo/signaldock.db"),
+        (Some("state/cleo"), "/srv/project/state/cleo/signaldock.db"),
     ] {
         assert_eq!(
             default_db_path(cleo_dir.map(OsStr::new), cwd),

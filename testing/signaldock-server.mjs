@@ -1,5 +1,5 @@
 /**
- * A SignalDock-compatible test server, built from /work/shared/spec/WIRE.md.
+ * A SignalDock-compatible test server, built from the SignalDock wire contract (WIRE.md).
  *
  * The real SignalDock server is not public, so the project ships its own:
  * plain ESM on node:http, no dependencies, loopback only (127.0.0.1, port 0).
@@ -11,7 +11,7 @@
  * Three ways to use it:
  *   - in-process:  const sd = await startSignalDock({ agents: { alice: 'key-a' } });
  *                  ... sd.url, sd.sendDirect(...), sd.inject(...), await sd.close();
- *   - as a CLI:    node __test__/support/signaldock-server.mjs --agents alice:key-a,bob:key-b
+ *   - as a CLI:    node testing/signaldock-server.mjs --agents alice:key-a,bob:key-b
  *                  prints one JSON line {"url": ..., "control": ".../_test"} and runs
  *                  until SIGTERM/SIGINT or until its stdin pipe closes;
  *   - remotely:    the control API under /_test/ (no auth, JSON in and out, not
