@@ -58,7 +58,11 @@ proptest! {
 
     #[test]
     fn sse_payloads_and_transport_objects_map_or_fail_cleanly(value in json_value()) {
-        let mapped = [message::from_sse_payload(&value), message::from_transport_object(&value)];
+        let mapped = [
+            message::from_sse_payload(&value, None),
+            message::from_sse_payload(&value, Some("event-7")),
+            message::from_transport_object(&value),
+        ];
         for m in mapped.into_iter().flatten() {
             prop_assert!(!m.id.is_empty());
             prop_assert!(m.content.len() <= MAX_CONTENT_BYTES);
@@ -66,14 +70,19 @@ proptest! {
     }
 
     #[test]
-    fn sse_frames_never_panic(event in ".{0,20}", data in ".{0,200}", agent in "[a-z]{1,8}") {
-        let _ = classify(&event, &data, &agent);
+    fn sse_frames_never_panic(event in ".{0,20}", data in ".{0,200}", id in proptest::option::of(".{0,20}"), agent in "[a-z]{1,8}") {
+        let _ = classify(&event, &data, id.as_deref(), &agent);
     }
 
     #[test]
     fn sse_frames_from_this_agent_are_never_delivered(id in "[a-z0-9]{1,12}", agent in "[a-z]{1,8}", content in ".{0,40}") {
-        let data = serde_json::json!({ "message_id": id, "from_agent_id": agent, "content": content }).to_string();
-        prop_assert!(!matches!(classify("message", &data, &agent), Frame::Deliver(_)));
+        for data in [
+            serde_json::json!({ "message_id": id, "from_agent_id": agent, "content": content }),
+            serde_json::json!({ "messageId": id, "from": agent, "content": content }),
+        ] {
+            let data = data.to_string();
+            prop_assert!(!matches!(classify("message", &data, Some(&id), &agent), Frame::Deliver(_)));
+        }
     }
 
     #[test]

@@ -64,8 +64,9 @@ impl std::fmt::Display for MapError {
 }
 
 /// A REST row (`GET /messages/peek`, `GET /conversations/{id}/messages`).
-/// `group` is the conversation the row came from, for group rows: it becomes `groupId` and
-/// the default `threadId`.
+/// `group` is the conversation the row came from, for group rows: it becomes the default
+/// `threadId`. `groupId` is the row's own: every fan-out copy of one group message carries
+/// the same one, which is what makes the copies one message (see [`ConduitMessage::dedup_key`]).
 pub fn from_rest_row(row: &Value, group: Option<&str>) -> Result<ConduitMessage, MapError> {
     let row = row.as_object().ok_or(MapError::NotAnObject)?;
     if let Some(why) = row.get(UNPARSEABLE) {
@@ -79,29 +80,45 @@ pub fn from_rest_row(row: &Value, group: Option<&str>) -> Result<ConduitMessage,
         content: content_of(row, &["content"])?,
         tags: None,
         thread_id: opt_text(row, &["conversationId"])?.or_else(|| group.map(str::to_owned)),
-        group_id: group.map(str::to_owned),
+        group_id: opt_text(row, &["groupId"])?,
         timestamp: timestamp_of(row, &["createdAt"])?,
         metadata: metadata_of(row)?,
     })
 }
 
-/// An SSE delivery, in either shape servers send.
-pub fn from_sse_payload(payload: &Value) -> Result<ConduitMessage, MapError> {
+/// An SSE delivery, in every shape servers send (WIRE.md): the real server's camelCase
+/// `{messageId, conversationId, from, createdAt, …}`, the snake_case of other servers, and
+/// the `{id, from, threadId, timestamp}` of older ones. `event_id` is the frame's `id:`
+/// line, which the real server sets to the message id: the id of last resort.
+pub fn from_sse_payload(
+    payload: &Value,
+    event_id: Option<&str>,
+) -> Result<ConduitMessage, MapError> {
     let obj = payload.as_object().ok_or(MapError::NotAnObject)?;
-    let id = match obj.get("message_id") {
-        Some(v) if !v.is_null() => Some(v),
-        _ => obj.get("id"),
+    let id = match (first(obj, &["messageId", "message_id", "id"]), event_id) {
+        (Some((_, id)), _) => id_of(Some(id))?,
+        (None, Some(event_id)) => id_of(Some(&Value::String(event_id.to_owned())))?,
+        (None, None) => return Err(MapError::MissingId),
     };
     Ok(ConduitMessage {
-        id: id_of(id)?,
-        from: text_or(obj, &["from_agent_id", "from"], "unknown")?,
+        id,
+        from: text_or(obj, &["from", "from_agent_id", "fromAgentId"], "unknown")?,
         content: content_of(obj, &["content"])?,
         tags: None,
-        thread_id: opt_text(obj, &["conversation_id", "threadId"])?,
-        group_id: opt_text(obj, &["group_id", "groupId"])?,
-        timestamp: timestamp_of(obj, &["created_at", "timestamp"])?,
+        thread_id: opt_text(obj, &["conversationId", "conversation_id", "threadId"])?,
+        group_id: opt_text(obj, &["groupId", "group_id"])?,
+        timestamp: timestamp_of(obj, &["createdAt", "created_at", "timestamp"])?,
         metadata: metadata_of(obj)?,
     })
+}
+
+impl ConduitMessage {
+    /// What makes two deliveries one message: a group message reaches a member as its own
+    /// fan-out copy (own id, shared `groupId`) by peek or stream, and as the listing's row
+    /// (the smallest copy id, same `groupId`). WIRE.md: deduplicate by `groupId ?? id`.
+    pub fn dedup_key(&self) -> &str {
+        self.group_id.as_deref().unwrap_or(&self.id)
+    }
 }
 
 /// A message object returned by a JavaScript transport's `poll()`: already a
@@ -219,7 +236,9 @@ mod tests {
         assert_eq!(bare.from, "unknown");
         assert_eq!(bare.content, "");
         assert_eq!(bare.thread_id.as_deref(), Some("g1"));
-        assert_eq!(bare.group_id.as_deref(), Some("g1"));
+        // The conversation is not the fan-out group: only the row says which that is.
+        assert_eq!(bare.group_id, None);
+        assert_eq!(bare.dedup_key(), "42");
         assert!(clock::parse_iso_ms(&bare.timestamp).is_some());
     }
 
@@ -253,6 +272,47 @@ mod tests {
     }
 
     #[test]
+    fn fan_out_copies_share_one_dedup_key() {
+        // Two copies of one group message, as peek and the listing give them.
+        let copy = json!({"id": "m7", "conversationId": "ops", "fromAgentId": "bob",
+            "toAgentId": "alice", "groupId": "grp-1", "content": "@alice hi",
+            "createdAt": "2026-04-07T12:00:00Z"});
+        let listed = json!({"id": "m5", "conversationId": "ops", "fromAgentId": "bob",
+            "toAgentId": "carol", "groupId": "grp-1", "content": "@alice hi",
+            "createdAt": "2026-04-07T12:00:00Z"});
+        let (a, b) = (
+            from_rest_row(&copy, None).unwrap(),
+            from_rest_row(&listed, Some("ops")).unwrap(),
+        );
+        assert_ne!(a.id, b.id);
+        assert_eq!(a.group_id.as_deref(), Some("grp-1"));
+        assert_eq!((a.dedup_key(), b.dedup_key()), ("grp-1", "grp-1"));
+    }
+
+    #[test]
+    fn the_real_servers_sse_frame_maps() {
+        // crates/signaldock-transport/src/adapters/sse.rs, as written on the wire.
+        let real = json!({"messageId": "m1", "conversationId": "c1", "from": "bob",
+            "content": "hi", "contentType": "text", "createdAt": "2026-04-07T12:00:00+00:00",
+            "attachments": []});
+        let m = from_sse_payload(&real, Some("m1")).unwrap();
+        assert_eq!(
+            (m.id.as_str(), m.from.as_str(), m.content.as_str()),
+            ("m1", "bob", "hi")
+        );
+        assert_eq!(m.thread_id.as_deref(), Some("c1"));
+        assert_eq!(m.timestamp, "2026-04-07T12:00:00+00:00");
+        // No id in the data: the frame's `id:` line, which the real server sets to it.
+        let bare = from_sse_payload(&json!({"from": "bob", "content": "x"}), Some("m9")).unwrap();
+        assert_eq!(bare.id, "m9");
+        // An id of the wrong type is not papered over by the event id.
+        assert_eq!(
+            from_sse_payload(&json!({"messageId": {"x": 1}}), Some("m9")),
+            Err(MapError::MissingId)
+        );
+    }
+
+    #[test]
     fn sse_payloads_in_both_shapes() {
         let snake = json!({"message_id": "m1", "conversation_id": "c1", "from_agent_id": "bob",
             "from_agent_name": "Bob", "to_agent_id": "alice", "content": "hi", "content_type": "text",
@@ -260,13 +320,13 @@ mod tests {
         let camel = json!({"id": "m1", "from": "bob", "content": "hi", "threadId": "c1",
             "timestamp": "2026-01-01T00:00:00Z"});
         let (a, b) = (
-            from_sse_payload(&snake).unwrap(),
-            from_sse_payload(&camel).unwrap(),
+            from_sse_payload(&snake, None).unwrap(),
+            from_sse_payload(&camel, None).unwrap(),
         );
         assert_eq!(a, b);
         assert_eq!(a.thread_id.as_deref(), Some("c1"));
         assert_eq!(
-            from_sse_payload(&json!({"type": "x"})),
+            from_sse_payload(&json!({"type": "x"}), None),
             Err(MapError::MissingId)
         );
     }

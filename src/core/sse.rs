@@ -34,7 +34,7 @@ mod policy;
 #[cfg(test)]
 mod tests;
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -177,6 +177,8 @@ struct Shared {
     last_event_ms: AtomicI64,
     last_error: Mutex<Option<String>>,
     last_event_id: Mutex<Option<String>>,
+    /// Said once: the stream refuses a key REST accepts.
+    warned_stream_auth: AtomicBool,
 }
 
 /// An SSE client for one agent. `start`/`stop` are idempotent; dropping it stops it.
@@ -198,6 +200,7 @@ impl SseClient {
                 last_event_ms: AtomicI64::new(0),
                 last_error: Mutex::new(None),
                 last_event_id: Mutex::new(None),
+                warned_stream_auth: AtomicBool::new(false),
             }),
             task: Mutex::new(None),
         }
@@ -335,6 +338,17 @@ async fn run(shared: Arc<Shared>, sink: Arc<dyn SseSink>, token: CancellationTok
             End::Unauthorized if !is_alternate => shared.credentials.alternate(&key),
             _ => None,
         };
+        if outcome.end == End::Unauthorized
+            && shared.credentials.was_accepted(&key)
+            && !shared.warned_stream_auth.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                endpoint = %shared.credentials.scrub(config.url.as_str()),
+                "the SSE stream answers 401 to the key that REST calls succeed with: the \
+                 stream route refuses header auth here; polling keeps delivering, and the \
+                 stream keeps retrying"
+            );
+        }
         let pause = policy::plan(
             config,
             failures,
@@ -493,6 +507,7 @@ async fn handle(shared: &Shared, sink: &dyn SseSink, event: es::Event) {
     match frame::classify(
         &event.event_type,
         &event.data,
+        event.id.as_deref(),
         shared.credentials.agent_id(),
     ) {
         Frame::Deliver(message) => {
@@ -500,13 +515,17 @@ async fn handle(shared: &Shared, sink: &dyn SseSink, event: es::Event) {
             shared.delivered.fetch_add(1, Ordering::Relaxed);
         }
         Frame::Malformed(why) => {
+            // The server marked a pushed message delivered when it wrote it, and a peek
+            // returns only pending rows: a frame that cannot be read is a message lost for
+            // good. An alarm every time, with what identifies it, never routine.
             let count = shared.malformed.fetch_add(1, Ordering::Relaxed) + 1;
-            // A broken server may send thousands: say so at warn level now and then only.
-            if count.is_power_of_two() {
-                tracing::warn!(error = %why, malformed = count, "skipping malformed SSE data");
-            } else {
-                tracing::debug!(error = %why, malformed = count, "skipping malformed SSE data");
-            }
+            tracing::warn!(
+                event_id = event.id.as_deref().unwrap_or_default(),
+                event_type = %event.event_type,
+                error = %why,
+                malformed = count,
+                "an SSE message could not be read and is lost: the server already marked it delivered"
+            );
         }
         Frame::Skip(why) => tracing::trace!(?why, "SSE event skipped"),
     }

@@ -29,7 +29,8 @@ pub enum Frame {
 }
 
 /// Classifies an event of type `event_type` carrying `data`, received by `agent_id`.
-pub fn classify(event_type: &str, data: &str, agent_id: &str) -> Frame {
+/// `event_id` is the frame's `id:` line (the real server sets it to the message id).
+pub fn classify(event_type: &str, data: &str, event_id: Option<&str>, agent_id: &str) -> Frame {
     match event_type {
         "message" | "" => {}
         "connected" => return Frame::Skip(Skip::Connected),
@@ -52,7 +53,7 @@ pub fn classify(event_type: &str, data: &str, agent_id: &str) -> Frame {
         Some("connected") => return Frame::Skip(Skip::Connected),
         _ => {}
     }
-    match from_sse_payload(&payload) {
+    match from_sse_payload(&payload, event_id) {
         Ok(message) if message.from == agent_id => Frame::Skip(Skip::Own),
         Ok(message) => Frame::Deliver(message),
         Err(why) => Frame::Malformed(why.to_string()),
@@ -119,7 +120,7 @@ mod tests {
             ("message", r#"{"type":"notice"}"#, None),
             ("message", r#"{"id":"m1","content":7}"#, None),
         ] {
-            let got = classify(event, data, "alice");
+            let got = classify(event, data, None, "alice");
             match want {
                 Some(want) => assert_eq!(got, want, "{event} {data}"),
                 None => assert!(
@@ -132,11 +133,11 @@ mod tests {
 
     #[test]
     fn malformed_reasons_are_specific() {
-        let Frame::Malformed(why) = classify("message", "nope", "a") else {
+        let Frame::Malformed(why) = classify("message", "nope", None, "a") else {
             panic!("not malformed");
         };
         assert!(why.starts_with("data is not JSON"), "{why}");
-        let Frame::Malformed(why) = classify("message", r#"{"content":"x"}"#, "a") else {
+        let Frame::Malformed(why) = classify("message", r#"{"content":"x"}"#, None, "a") else {
             panic!("not malformed");
         };
         assert_eq!(why, "message has no usable id");
@@ -149,7 +150,7 @@ mod tests {
             "created_at":"2026-01-01T00:00:00.000Z","attachments":[]}"#;
         let camel = r#"{"id":"m2","from":"bob","content":"yo","threadId":"c2",
             "timestamp":"2026-01-02T00:00:00.000Z"}"#;
-        let a = delivered(classify("message", snake, "alice"));
+        let a = delivered(classify("message", snake, None, "alice"));
         assert_eq!(
             (a.id.as_str(), a.from.as_str(), a.content.as_str()),
             ("m1", "bob", "hi")
@@ -157,7 +158,7 @@ mod tests {
         assert_eq!(a.thread_id.as_deref(), Some("c1"));
         assert_eq!(a.timestamp, "2026-01-01T00:00:00.000Z");
         // The default event type is `message`; the crate fills it in, but be safe.
-        let b = delivered(classify("", camel, "alice"));
+        let b = delivered(classify("", camel, None, "alice"));
         assert_eq!(
             (b.id.as_str(), b.from.as_str(), b.content.as_str()),
             ("m2", "bob", "yo")
@@ -166,15 +167,43 @@ mod tests {
     }
 
     #[test]
+    fn the_real_servers_frames() {
+        // crates/signaldock-transport/src/adapters/sse.rs: `id: <messageId>`,
+        // `event: message`, camelCase data; keep-alives are `event: heartbeat`.
+        let data = r#"{"messageId":"m1","conversationId":"c1","from":"bob","content":"hi",
+            "contentType":"text","createdAt":"2026-04-07T12:00:00+00:00","attachments":[]}"#;
+        let m = delivered(classify("message", data, Some("m1"), "alice"));
+        assert_eq!(
+            (m.id.as_str(), m.from.as_str(), m.content.as_str()),
+            ("m1", "bob", "hi")
+        );
+        assert_eq!(m.thread_id.as_deref(), Some("c1"));
+        assert_eq!(
+            classify("message", data, Some("m1"), "bob"),
+            Frame::Skip(Skip::Own)
+        );
+        assert_eq!(
+            classify(
+                "heartbeat",
+                r#"{"timestamp":"2026-04-07T12:00:30+00:00"}"#,
+                None,
+                "alice"
+            ),
+            Frame::Skip(Skip::Heartbeat)
+        );
+    }
+
+    #[test]
     fn a_lone_surrogate_is_repaired_not_dropped() {
         let m = delivered(classify(
             "message",
             r#"{"message_id":"m1","from_agent_id":"bob","content":"cut \ud83d!"}"#,
+            None,
             "alice",
         ));
         assert_eq!(m.content, "cut \u{fffd}!");
         assert!(matches!(
-            classify("message", "{not json", "alice"),
+            classify("message", "{not json", None, "alice"),
             Frame::Malformed(_)
         ));
     }
