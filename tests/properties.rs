@@ -34,6 +34,8 @@ fn field_name() -> impl Strategy<Value = String> {
         Just("from".to_owned()),
         Just("content".to_owned()),
         Just("conversationId".to_owned()),
+        Just("groupId".to_owned()),
+        Just("messageId".to_owned()),
         Just("createdAt".to_owned()),
         Just("timestamp".to_owned()),
         Just("metadata".to_owned()),
@@ -50,8 +52,11 @@ proptest! {
             prop_assert!(!m.id.is_empty());
             prop_assert!(m.content.len() <= MAX_CONTENT_BYTES);
             prop_assert!(!m.timestamp.is_empty());
-            if let Some(g) = &group {
-                prop_assert_eq!(m.group_id.as_deref(), Some(g.as_str()));
+            // The row's own groupId, never the conversation it was read from; the
+            // conversation is the thread when the row names none.
+            prop_assert_eq!(m.group_id.as_deref(), row.get("groupId").and_then(|g| g.as_str()));
+            if let (Some(g), None) = (&group, row.get("conversationId")) {
+                prop_assert_eq!(m.thread_id.as_deref(), Some(g.as_str()));
             }
         }
     }
