@@ -4,13 +4,24 @@
 //! Bounded: once full, the oldest id is forgotten first. The bound only has to exceed what
 //! can come back within one poll (a direct page plus each group's page); acked direct
 //! messages never return.
+//!
+//! Ids alone are not enough for group messages: a group post reaches a member as its own
+//! fan-out copy and as the conversation listing's row, with different ids. Both carry the
+//! same `groupId` when they come by REST, so the key is `groupId ?? id`; but the real
+//! server's SSE frame carries no `groupId`. [`CopyTwins`] pairs such a stream copy with its
+//! listing row by what the copies share (conversation, sender, second, content).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+
+use super::clock;
+use super::message::ConduitMessage;
 
 /// Default number of ids remembered.
 pub const DEFAULT_CAPACITY: usize = 10_000;
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct SeenWindow {
     ids: HashSet<String>,
     order: VecDeque<String>,
@@ -61,9 +72,152 @@ impl Default for SeenWindow {
     }
 }
 
+/// What every fan-out copy of one group message shares: its conversation, its sender, its
+/// second (stored times are whole seconds) and its content.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Fingerprint {
+    conversation: String,
+    from: String,
+    second: i64,
+    content: u64,
+}
+
+impl Fingerprint {
+    /// A message's fingerprint, when it has a conversation and a readable timestamp.
+    pub fn of(message: &ConduitMessage) -> Option<Self> {
+        let conversation = message.thread_id.clone()?;
+        let second = clock::parse_iso_ms(&message.timestamp)?.div_euclid(1000);
+        let mut hasher = DefaultHasher::new();
+        message.content.hash(&mut hasher);
+        Some(Self {
+            conversation,
+            from: message.from.clone(),
+            second,
+            content: hasher.finish(),
+        })
+    }
+}
+
+/// Pairs a group message that came without its `groupId` (a stream copy) with one that came
+/// with it (a listing row or a peek copy), in either order. Only copies of different kinds
+/// pair up, each at most once: two posts alike in every shared field but arriving the same
+/// way stay two messages.
+#[derive(Debug)]
+pub struct CopyTwins {
+    /// Unpaired fingerprints, counted, by whether the message carried a `groupId`.
+    unpaired: [HashMap<Fingerprint, u32>; 2],
+    order: VecDeque<(Fingerprint, bool)>,
+    capacity: usize,
+}
+
+impl CopyTwins {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            unpaired: [HashMap::new(), HashMap::new()],
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Records a message; true when it is the twin of one recorded earlier from the other
+    /// kind of path (so a copy of a message already taken).
+    pub fn is_twin(&mut self, fingerprint: Fingerprint, has_group_id: bool) -> bool {
+        let other = &mut self.unpaired[usize::from(!has_group_id)];
+        if let Some(count) = other.get_mut(&fingerprint) {
+            *count -= 1;
+            if *count == 0 {
+                other.remove(&fingerprint);
+            }
+            return true;
+        }
+        if self.order.len() == self.capacity
+            && let Some((oldest, kind)) = self.order.pop_front()
+        {
+            let map = &mut self.unpaired[usize::from(kind)];
+            if let Some(count) = map.get_mut(&oldest) {
+                *count -= 1;
+                if *count == 0 {
+                    map.remove(&oldest);
+                }
+            }
+        }
+        *self.unpaired[usize::from(has_group_id)]
+            .entry(fingerprint.clone())
+            .or_insert(0) += 1;
+        self.order.push_back((fingerprint, has_group_id));
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn post(id: &str, group: Option<&str>, from: &str, content: &str, at: &str) -> ConduitMessage {
+        ConduitMessage {
+            id: id.into(),
+            from: from.into(),
+            content: content.into(),
+            tags: None,
+            thread_id: Some("ops".into()),
+            group_id: group.map(str::to_owned),
+            timestamp: at.into(),
+            metadata: None,
+        }
+    }
+
+    #[test]
+    fn a_stream_copy_and_its_listing_row_are_twins_in_either_order() {
+        let streamed = post("c2", None, "bob", "@alice go", "2026-04-07T12:00:00+00:00");
+        let listed = post("c1", Some("g"), "bob", "@alice go", "2026-04-07T12:00:00Z");
+        let fp = |m: &ConduitMessage| Fingerprint::of(m).unwrap();
+        let mut twins = CopyTwins::new(100);
+        assert!(!twins.is_twin(fp(&streamed), false));
+        assert!(twins.is_twin(fp(&listed), true));
+        let mut twins = CopyTwins::new(100);
+        assert!(!twins.is_twin(fp(&listed), true));
+        assert!(twins.is_twin(fp(&streamed), false));
+        // Paired once: a third copy of the same kind is not swallowed by the used pair.
+        assert!(!twins.is_twin(fp(&streamed), false));
+    }
+
+    #[test]
+    fn alike_messages_of_one_kind_never_pair_and_differences_count() {
+        let mut twins = CopyTwins::new(100);
+        let a = post("a", None, "bob", "ok", "2026-04-07T12:00:00Z");
+        let b = post("b", None, "bob", "ok", "2026-04-07T12:00:00Z");
+        assert!(!twins.is_twin(Fingerprint::of(&a).unwrap(), false));
+        assert!(!twins.is_twin(Fingerprint::of(&b).unwrap(), false));
+        for other in [
+            post("x", Some("g"), "carol", "ok", "2026-04-07T12:00:00Z"),
+            post("x", Some("g"), "bob", "ok!", "2026-04-07T12:00:00Z"),
+            post("x", Some("g"), "bob", "ok", "2026-04-07T12:00:01Z"),
+        ] {
+            assert!(
+                !twins.is_twin(Fingerprint::of(&other).unwrap(), true),
+                "{other:?}"
+            );
+        }
+        // Both unpaired stream copies find a listing row each.
+        let row = post("r", Some("g"), "bob", "ok", "2026-04-07T12:00:00.000Z");
+        assert!(twins.is_twin(Fingerprint::of(&row).unwrap(), true));
+        assert!(twins.is_twin(Fingerprint::of(&row).unwrap(), true));
+        assert!(!twins.is_twin(Fingerprint::of(&row).unwrap(), true));
+        let mut no_thread = row.clone();
+        no_thread.thread_id = None;
+        assert_eq!(Fingerprint::of(&no_thread), None);
+    }
+
+    #[test]
+    fn twins_stay_bounded() {
+        let mut twins = CopyTwins::new(10);
+        for i in 0..1000 {
+            let m = post("m", None, "bob", &i.to_string(), "2026-04-07T12:00:00Z");
+            twins.is_twin(Fingerprint::of(&m).unwrap(), false);
+        }
+        assert_eq!(twins.order.len(), 10);
+        assert_eq!(twins.unpaired[0].len(), 10);
+    }
 
     #[test]
     fn first_insert_wins() {

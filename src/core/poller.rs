@@ -35,7 +35,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::clock;
-use super::dedup::SeenWindow;
+use super::dedup::{CopyTwins, Fingerprint, SeenWindow};
 use super::delivery::{Handler, Outcome, Settled};
 use super::error::Error;
 use super::mention::mentions;
@@ -52,6 +52,11 @@ pub const MAX_GROUP_FETCH: u32 = 1000;
 const DELIVERY_QUEUE: usize = 4;
 /// Settled-but-unacked ids kept for a retry after a failed ack.
 const MAX_PENDING_ACKS: usize = 10_000;
+/// Listing rows remembered per group conversation. Rows sharing a second are listed in no
+/// fixed order, so a row can leave the page and come back: the memory spans several pages.
+const GROUP_ROWS_REMEMBERED: usize = 4 * MAX_GROUP_FETCH as usize;
+/// Group-message fingerprints kept to pair a stream copy with its listing row.
+const TWINS_REMEMBERED: usize = 10_000;
 
 #[derive(Clone, Debug)]
 pub struct PollerConfig {
@@ -114,12 +119,14 @@ struct Shared {
     groups: Option<Arc<dyn GroupFeed>>,
     handler: RwLock<Option<Arc<dyn Handler>>>,
     handler_set: Notify,
-    /// Ids whose handler call has settled.
+    /// Dedup keys (`groupId ?? id`) of messages whose handler call has settled.
     seen: Mutex<SeenWindow>,
-    /// Ids taken for delivery whose handler call has not settled: duplicates of these are
-    /// dropped too. Forgotten on stop, so a later start offers them again instead of losing
-    /// them with the queue.
+    /// Dedup keys of messages taken for delivery whose handler call has not settled:
+    /// duplicates of these are dropped too. Forgotten on stop, so a later start offers them
+    /// again instead of losing them with the queue.
     queued: Mutex<HashSet<String>>,
+    /// Pairs group-message copies that came without their `groupId` with those that did.
+    twins: Mutex<CopyTwins>,
     stats: Stats,
     realtime: watch::Sender<bool>,
     kick: Notify,
@@ -167,6 +174,7 @@ impl Poller {
                 handler_set: Notify::new(),
                 seen: Mutex::new(seen),
                 queued: Mutex::new(HashSet::new()),
+                twins: Mutex::new(CopyTwins::new(TWINS_REMEMBERED)),
                 stats: Stats::default(),
                 realtime: watch::channel(false).0,
                 kick: Notify::new(),
@@ -259,7 +267,7 @@ impl Poller {
         let Some(queue) = lock(&self.shared.queue).clone() else {
             return false;
         };
-        let id = message.id.clone();
+        let key = message.dedup_key().to_owned();
         let messages = self.shared.fresh(vec![message]);
         if messages.is_empty() {
             return true;
@@ -281,7 +289,7 @@ impl Poller {
         }
         let sent = enqueue(&self.shared, &queue, batch).await;
         if !sent {
-            lock(&self.shared.queued).remove(&id);
+            lock(&self.shared.queued).remove(&key);
         }
         sent
     }
@@ -323,13 +331,29 @@ impl Shared {
         *lock(&self.stats.last_error) = Some(format!("{track}: {err}"));
     }
 
-    /// Keeps the ids neither seen nor queued before, marking them queued.
+    /// Keeps the messages neither seen nor queued before, by [`ConduitMessage::dedup_key`],
+    /// marking them queued. A group message's copy that came without its `groupId` (the
+    /// stream's) and one that came with it (peek, listing) are one message: the second to
+    /// arrive is remembered as seen and dropped.
     fn fresh(&self, messages: Vec<ConduitMessage>) -> Vec<ConduitMessage> {
-        let seen = lock(&self.seen);
+        let mut seen = lock(&self.seen);
         let mut queued = lock(&self.queued);
+        let mut twins = lock(&self.twins);
         messages
             .into_iter()
-            .filter(|m| !seen.contains(&m.id) && queued.insert(m.id.clone()))
+            .filter(|m| {
+                let key = m.dedup_key();
+                if seen.contains(key) || queued.contains(key) {
+                    return false;
+                }
+                if let Some(fingerprint) = Fingerprint::of(m)
+                    && twins.is_twin(fingerprint, m.group_id.is_some())
+                {
+                    seen.insert(key);
+                    return false;
+                }
+                queued.insert(key.to_owned())
+            })
             .collect()
     }
 
@@ -362,15 +386,17 @@ impl Shared {
         newly
     }
 
-    /// Owes an ack for direct messages offered again after their handler settled.
-    fn ack_again(&self, messages: &[ConduitMessage]) {
+    /// Owes an ack for direct messages (`(id, dedup key)`) whose message was already
+    /// handled: offered again after their handler settled, or another copy of a message
+    /// handled through another path.
+    fn ack_again(&self, offered: &[(String, String)]) {
         let again: Vec<String> = {
             let seen = lock(&self.seen);
             let queued = lock(&self.queued);
-            messages
+            offered
                 .iter()
-                .filter(|m| seen.contains(&m.id) && !queued.contains(&m.id))
-                .map(|m| m.id.clone())
+                .filter(|(_, key)| seen.contains(key) && !queued.contains(key))
+                .map(|(id, _)| id.clone())
                 .collect()
         };
         self.owe_acks(again);
@@ -388,11 +414,11 @@ impl Shared {
         }
     }
 
-    /// A handler call settled: the id moves from queued to seen (in that order, so that it
-    /// is never in neither).
-    fn settle(&self, id: &str) {
-        lock(&self.seen).insert(id);
-        lock(&self.queued).remove(id);
+    /// A handler call settled: the key moves from queued to seen (in that order, so that
+    /// it is never in neither).
+    fn settle(&self, key: &str) {
+        lock(&self.seen).insert(key);
+        lock(&self.queued).remove(key);
     }
 }
 
@@ -409,13 +435,28 @@ struct Tracks {
     groups: HashMap<String, GroupTrack>,
 }
 
-#[derive(Default)]
 struct GroupTrack {
-    /// Ids of the newest page read last cycle: a full page with none of them means a burst
-    /// bigger than a page arrived, and more must be read at once.
-    last_ids: Arc<HashSet<String>>,
+    /// The listing rows read so far. The listing orders by whole-second timestamps with no
+    /// tiebreak, so a new row can be listed after rows already read: a row is new when it
+    /// is not in here, wherever it stands on the page. A full page of rows none of which is
+    /// in here means a burst bigger than a page arrived, and more must be read at once.
+    known: Arc<SeenWindow>,
     primed: bool,
+    /// The oldest `createdAt` (ms) of the first page read: unread rows older than it are
+    /// history from before this poller, which the first read does not replay either.
+    floor_ms: Option<i64>,
     not_before: Option<Instant>,
+}
+
+impl Default for GroupTrack {
+    fn default() -> Self {
+        Self {
+            known: Arc::new(SeenWindow::new(GROUP_ROWS_REMEMBERED)),
+            primed: false,
+            floor_ms: None,
+            not_before: None,
+        }
+    }
 }
 
 /// How long a starting poller waits for the final acks of pollers stopped before it.
@@ -609,7 +650,7 @@ async fn cycle(
         .filter_map(|id| {
             let feed = shared.groups.clone()?;
             let track = tracks.groups.entry(id.clone()).or_default();
-            let known = track.primed.then(|| track.last_ids.clone());
+            let known = track.primed.then(|| track.known.clone());
             Some(async move {
                 let rows = read_group(feed.as_ref(), &id, limit, known.as_deref()).await;
                 (id, rows)
@@ -629,8 +670,11 @@ async fn cycle(
                 // Rows that cannot be mapped are counted once and acked (skipped for good),
                 // so a page of them cannot block the messages behind it.
                 let newly_rejected = shared.reject(&page);
-                // Offered again after being handled (an ack lost or refused): ack again.
-                shared.ack_again(&page.messages);
+                let offered: Vec<(String, String)> = page
+                    .messages
+                    .iter()
+                    .map(|m| (m.id.clone(), m.dedup_key().to_owned()))
+                    .collect();
                 let last_stamp = page.messages.last().map(|m| m.timestamp.clone());
                 // The newest stamp strictly older than the page's last: polling past it skips
                 // the page just queued (not acked yet, so offered again) while rows sharing
@@ -644,6 +688,9 @@ async fn cycle(
                         .cloned()
                 });
                 let fresh = shared.fresh(page.messages);
+                // Offered again after being handled (an ack lost or refused), or a copy of a
+                // message handled through another path: ack it, or it stays pending.
+                shared.ack_again(&offered);
                 tracks.direct_since = match (full, fresh.is_empty()) {
                     // Full, and rows to skip were found: they are acked before the next
                     // poll, which then sees past them.
@@ -696,20 +743,28 @@ async fn cycle(
         match result {
             Ok(rows) => {
                 track.not_before = None;
-                // From the newest row read last cycle on, rows were read then (or are older
-                // history, which the first cycle does not replay either): only the rows
-                // before it are new, and only they are mapped and counted.
-                let new = if track.primed {
-                    rows.iter()
-                        .position(|row| row_id(row).is_some_and(|i| track.last_ids.contains(&i)))
-                        .unwrap_or(rows.len())
-                } else {
-                    rows.len()
-                };
+                // Only rows never read before are new (the first read takes the whole page),
+                // and only they are mapped and counted; rows older than the first page are
+                // history. Rows sharing the floor's second may be new: they are taken.
+                if !track.primed {
+                    track.floor_ms = rows.iter().filter_map(row_created_ms).min();
+                }
+                let known = Arc::make_mut(&mut track.known);
+                let (primed, floor) = (track.primed, track.floor_ms);
+                let new: Vec<&Value> = rows
+                    .iter()
+                    .filter(|row| {
+                        let unread = known.insert(&row_key(row));
+                        !primed
+                            || (unread
+                                && floor.is_none_or(|floor| {
+                                    row_created_ms(row).is_none_or(|at| at >= floor)
+                                }))
+                    })
+                    .collect();
                 track.primed = true;
-                track.last_ids = Arc::new(rows.iter().filter_map(row_id).collect());
                 // Newest first on the wire; oldest first to the handler.
-                for row in rows[..new].iter().rev() {
+                for row in new.into_iter().rev() {
                     match message::from_rest_row(row, Some(&id)) {
                         Ok(m)
                             if m.from != shared.config.agent_id
@@ -748,13 +803,13 @@ async fn cycle(
     more
 }
 
-/// Reads a group's newest rows; when a full page holds none of `known` (the ids read last
-/// cycle), the burst was bigger than a page, so read a bigger one, up to [`MAX_GROUP_FETCH`].
+/// Reads a group's newest rows; when a full page holds none of `known` (the rows read
+/// before), the burst was bigger than a page, so read a bigger one, up to [`MAX_GROUP_FETCH`].
 async fn read_group(
     feed: &dyn GroupFeed,
     id: &str,
     limit: u32,
-    known: Option<&HashSet<String>>,
+    known: Option<&SeenWindow>,
 ) -> super::error::Result<Vec<Value>> {
     let mut limit = limit;
     let mut read: Option<Vec<Value>> = None;
@@ -771,7 +826,7 @@ async fn read_group(
         };
         let full = rows.len() >= limit as usize;
         let overlaps =
-            known.is_none_or(|known| rows.iter().filter_map(row_id).any(|i| known.contains(&i)));
+            known.is_none_or(|known| rows.iter().any(|row| known.contains(&row_key(row))));
         if !full || overlaps || limit >= MAX_GROUP_FETCH {
             return Ok(rows);
         }
@@ -780,11 +835,16 @@ async fn read_group(
     }
 }
 
-fn row_id(row: &Value) -> Option<String> {
-    match row.get("id")? {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
+fn row_created_ms(row: &Value) -> Option<i64> {
+    clock::parse_iso_ms(row.get("createdAt")?.as_str()?)
+}
+
+/// What a listing row is remembered by: its id, else (a broken row) the row itself.
+fn row_key(row: &Value) -> String {
+    match row.get("id") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => super::transport::Rejected::of(row, &message::MapError::MissingId).key,
     }
 }
 
@@ -838,6 +898,13 @@ async fn deliver_batch(
     token: CancellationToken,
 ) {
     let ack = batch.ack;
+    // Settled by id; remembered by dedup key where the two differ (group-message copies).
+    let keys: HashMap<String, String> = batch
+        .messages
+        .iter()
+        .filter(|m| m.dedup_key() != m.id)
+        .map(|m| (m.id.clone(), m.dedup_key().to_owned()))
+        .collect();
     let settled: Settled = {
         let shared = shared.clone();
         Arc::new(move |id: &str, outcome: Outcome| {
@@ -849,7 +916,7 @@ async fn deliver_batch(
                     shared.stats.failed.fetch_add(1, Ordering::Relaxed)
                 }
             };
-            shared.settle(id);
+            shared.settle(keys.get(id).map_or(id, String::as_str));
             if ack {
                 shared.owe_acks(vec![id.to_owned()]);
             }

@@ -690,7 +690,8 @@ async fn direct_messages_first_then_groups_oldest_first_in_config_order() {
         strings(&["d1", "d2", "d3", "a1", "a2", "a3", "b1", "b2"])
     );
     let a1 = &r.handler.calls()[3].1;
-    assert_eq!(a1.group_id.as_deref(), Some("a"));
+    // The conversation is not the fan-out group id: a row without `groupId` has none.
+    assert_eq!(a1.group_id, None);
     assert_eq!(a1.thread_id.as_deref(), Some("a"));
     assert_eq!((a1.from.as_str(), a1.timestamp.clone()), ("bob", stamp(1)));
 }
@@ -820,7 +821,13 @@ async fn a_burst_bigger_than_a_page_is_read_at_once_but_history_is_not() {
     );
     assert_eq!(r.handler.ids(), names("h", 16..=30));
 
-    r.groups.add("g", mention_rows("n", 1..=40));
+    // Posted after the history: stamped later than all of it.
+    r.groups.add(
+        "g",
+        (1..=40)
+            .map(|i| row(&format!("n{i}"), "bob", &format!("@alice n{i}"), 100 + i))
+            .collect(),
+    );
     r.at(1010).await;
     assert_eq!(
         r.groups.requests()[1..],
@@ -1161,4 +1168,83 @@ async fn offered_messages_keep_their_order_whichever_way_they_are_handed_over() 
     assert_eq!(sse, ["s1", "s2", "s3", "s4", "s5"]);
     assert_eq!(ids.len(), 8);
     assert_eq!(r.poller.status().delivered, 8);
+}
+
+// ---------------------------------------------------------------------------------------
+// The real server's awkward facts (WIRE.md): whole-second ties, fan-out copies
+
+#[tokio::test(start_paused = true)]
+async fn a_new_row_listed_after_rows_already_read_is_still_new() {
+    // The listing orders by whole-second `createdAt` with no tiebreak: a mention posted in
+    // the same second as rows already read can come back listed below them.
+    let r = Rig::new(&["g"]);
+    r.groups.add("g", mention_rows("g", 1..=3));
+    r.handle();
+    r.poller.start();
+    r.at(10).await;
+    assert_eq!(r.handler.ids(), names("g", 1..=3));
+    r.groups.with(|s| {
+        let rows = s.rows.get_mut("g").unwrap();
+        // Stored oldest first, answered newest first: index 1 lands below g3 and g2.
+        rows.insert(1, row("late", "bob", "@alice late", 3));
+    });
+    r.at(1010).await;
+    assert_eq!(
+        r.handler.ids(),
+        strings(&["g1", "g2", "g3", "late"]),
+        "the tied row is new wherever it is listed"
+    );
+    r.at(2010).await;
+    assert_eq!(r.handler.count(), 4, "and delivered once");
+}
+
+/// One copy of a group message as SignalDock stores it: own id, shared `groupId`.
+fn copy(id: &str, group_id: &str, content: &str, i: u32) -> Value {
+    json!({ "id": id, "groupId": group_id, "conversationId": "g", "fromAgentId": "bob",
+        "toAgentId": "alice", "content": content, "createdAt": stamp(i) })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_group_message_is_one_call_whether_peeked_listed_or_streamed() {
+    let r = Rig::new(&["g"]);
+    // The listing shows the smallest id of the copies; alice's own copy (c-alice) comes by
+    // peek. One message, one handler call, and alice's copy is acked all the same.
+    r.groups
+        .add("g", vec![copy("c-aaa", "grp-1", "@alice one", 1)]);
+    let peeked = message::from_rest_row(&copy("c-alice", "grp-1", "@alice one", 1), None).unwrap();
+    r.direct.push(vec![peeked]);
+    r.handle();
+    r.poller.start();
+    r.at(1010).await;
+    assert_eq!(r.handler.ids(), strings(&["c-alice"]));
+    assert!(r.direct.acked().contains(&"c-alice".to_string()));
+    assert!(r.direct.pending_ids().is_empty());
+
+    // The real stream frame carries no groupId: its copy pairs with the listing row by what
+    // the copies share, in either order.
+    let streamed = message_with("c-alice-2", "@alice two", 5);
+    let streamed = ConduitMessage {
+        thread_id: Some("g".into()),
+        ..streamed
+    };
+    assert!(r.poller.offer(streamed).await);
+    r.at(1100).await;
+    r.groups
+        .add("g", vec![copy("c-aab", "grp-2", "@alice two", 5)]);
+    r.at(2010).await;
+    assert_eq!(r.handler.ids(), strings(&["c-alice", "c-alice-2"]));
+    r.groups
+        .add("g", vec![copy("c-aac", "grp-3", "@alice three", 6)]);
+    r.at(3010).await;
+    let three = ConduitMessage {
+        thread_id: Some("g".into()),
+        ..message_with("c-alice-3", "@alice three", 6)
+    };
+    assert!(r.poller.offer(three).await);
+    r.at(3100).await;
+    assert_eq!(
+        r.handler.ids(),
+        strings(&["c-alice", "c-alice-2", "c-aac"]),
+        "listed first, streamed second: still one call"
+    );
 }
