@@ -7,6 +7,10 @@
 //! new key to the shared [`Credentials`] (the old one stays a 401 fallback for the
 //! overlap). A registry key that differs from ours (rotated by another process) is adopted
 //! the same way. Failures are logged and counted; the next check tries again.
+//!
+//! The real registry (`agent-registry-accessor.ts`) answers `rotateKey` with a *masked* key
+//! (`"<first 8 chars>...rotated"`) and stores the usable one: the key handed over is the one
+//! `registry.get` reads back after the rotation. A masked key is never sent.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -176,7 +180,7 @@ impl Check {
             return Ok(());
         };
         if let (Some(shared), Some(key)) = (&self.credentials, &credential.api_key)
-            && !key.is_empty()
+            && usable_key(key)
             && shared.rotate(ApiKey::new(key.as_str()), self.config.overlap)
         {
             tracing::info!("adopted the registry's newer API key");
@@ -191,20 +195,42 @@ impl Check {
             return Ok(());
         }
         tracing::info!("API key older than the maximum age: rotating");
-        let new_key = self.registry.rotate_key(agent).await?;
+        let answered = self.registry.rotate_key(agent).await?;
         *lock(&self.state.last_rotation_at) = Some(clock::now_iso());
         self.state.rotations.fetch_add(1, Ordering::Relaxed);
-        match (new_key, &self.credentials) {
-            (Some(key), Some(shared)) if !key.is_empty() => {
+        let Some(shared) = &self.credentials else {
+            return Ok(());
+        };
+        // What the registry stores is the key; what it answers may be a mask of it.
+        let stored = match self.registry.get(agent).await {
+            Ok(credential) => credential.and_then(|c| c.api_key),
+            Err(err) => {
+                tracing::warn!(error = %err, "could not read the rotated key back from the registry");
+                None
+            }
+        };
+        let current = shared.current();
+        let new_key = [stored, answered]
+            .into_iter()
+            .flatten()
+            .find(|key| usable_key(key) && key.as_str() != current.expose());
+        match new_key {
+            Some(key) => {
                 shared.rotate(ApiKey::new(key), self.config.overlap);
             }
-            (None, Some(_)) => {
-                tracing::warn!("registry.rotateKey gave no newApiKey: the runtime keeps its key")
-            }
-            _ => {}
+            None => tracing::warn!(
+                "the registry rotated the key but gives no usable new one (masked or unchanged): \
+                 the runtime keeps its key and adopts the registry's at the next check"
+            ),
         }
         Ok(())
     }
+}
+
+/// A key that can be sent: not empty, and not the mask a registry shows in place of a key
+/// (`"sk-abc12...rotated"`); no real key has an ellipsis in it.
+fn usable_key(key: &str) -> bool {
+    !key.trim().is_empty() && !key.contains("...") && !key.contains('\u{2026}')
 }
 
 #[cfg(test)]
@@ -245,14 +271,16 @@ mod tests {
             };
             Box::pin(async move { answer })
         }
+        /// As the real registry: stores the new key, answers with a mask of it.
         fn rotate_key(&self, _agent: &str) -> BoxFuture<'_, Result<Option<String>>> {
             let n = self.rotations.fetch_add(1, Ordering::Relaxed) + 1;
-            let key = format!("key-{n}");
+            let key = format!("sk-live-rotated-{n}-0123456789");
             *lock(&self.credential) = Some(RegistryCredential {
                 api_key: Some(key.clone()),
                 updated_at: Some(clock::now_iso()),
             });
-            Box::pin(async move { Ok(Some(key)) })
+            let masked = format!("{}...rotated", &key[..8]);
+            Box::pin(async move { Ok(Some(masked)) })
         }
     }
 
@@ -307,12 +335,56 @@ mod tests {
         service.start();
         tokio::time::sleep(Duration::from_secs(6)).await;
         assert_eq!(registry.rotations.load(Ordering::Relaxed), 1);
-        assert_eq!(shared.current().expose(), "key-1");
+        // The stored key, read back, not the masked one rotateKey answered.
+        assert_eq!(shared.current().expose(), "sk-live-rotated-1-0123456789");
         let status = service.status();
         assert!(clock::parse_iso_ms(status.last_rotation_at.as_deref().unwrap()).is_some());
         // The fresh key is young: no second rotation.
         tokio::time::sleep(Duration::from_secs(120)).await;
         assert_eq!(registry.rotations.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn masks_are_not_keys() {
+        for (key, usable) in [
+            ("sk-live-abc", true),
+            ("sk-live-...rotated", false),
+            ("sk-live-\u{2026}rotated", false),
+            ("", false),
+            ("  ", false),
+        ] {
+            assert_eq!(usable_key(key), usable, "{key:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_registry_that_only_masks_leaves_the_key_alone() {
+        // rotateKey answers a mask and get() still has the old key (not stored yet): the
+        // runtime keeps the key it has rather than send a mask.
+        struct MaskOnly(Mutex<Option<RegistryCredential>>);
+        impl Registry for MaskOnly {
+            fn get(&self, _: &str) -> BoxFuture<'_, Result<Option<RegistryCredential>>> {
+                let c = lock(&self.0).clone();
+                Box::pin(async move { Ok(c) })
+            }
+            fn rotate_key(&self, _: &str) -> BoxFuture<'_, Result<Option<String>>> {
+                Box::pin(async { Ok(Some("key-0-ab...rotated".to_owned())) })
+            }
+        }
+        let registry = Arc::new(MaskOnly(Mutex::new(Some(RegistryCredential {
+            api_key: Some("key-0-abcdef".into()),
+            updated_at: Some(clock::format_iso_ms(clock::now_ms() - 7_200_000)),
+        }))));
+        let shared = Credentials::new("alice", ApiKey::new("key-0-abcdef"));
+        let service = KeyRotation::new(
+            registry,
+            Some(shared.clone()),
+            config(Duration::from_secs(3600)),
+        );
+        service.start();
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(service.status().rotations, 1);
+        assert_eq!(shared.current().expose(), "key-0-abcdef");
     }
 
     #[tokio::test(start_paused = true)]
