@@ -57,6 +57,9 @@ pub struct Credentials {
     agent_id: String,
     keys: RwLock<KeyState>,
     rotations: watch::Sender<u64>,
+    /// The key a REST call last succeeded with: tells a refused stream apart from a
+    /// refused key.
+    accepted: RwLock<Option<ApiKey>>,
 }
 
 impl fmt::Debug for Credentials {
@@ -77,6 +80,7 @@ impl Credentials {
                 previous: None,
             }),
             rotations: watch::channel(0).0,
+            accepted: RwLock::new(None),
         })
     }
 
@@ -118,6 +122,25 @@ impl Credentials {
         }
         self.rotations.send_modify(|generation| *generation += 1);
         true
+    }
+
+    /// A REST call succeeded with `key`.
+    pub fn note_accepted(&self, key: &ApiKey) {
+        let known = self.accepted.read().unwrap_or_else(|e| e.into_inner());
+        if known.as_ref() == Some(key) {
+            return;
+        }
+        drop(known);
+        *self.accepted.write().unwrap_or_else(|e| e.into_inner()) = Some(key.clone());
+    }
+
+    /// Whether a REST call has succeeded with `key` (the last key one succeeded with).
+    pub fn was_accepted(&self, key: &ApiKey) -> bool {
+        self.accepted
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            == Some(key)
     }
 
     /// A receiver that changes on every rotation.

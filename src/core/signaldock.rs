@@ -99,6 +99,8 @@ pub struct SignalDock {
     bases: Vec<Url>,
     active: AtomicUsize,
     timeout: Duration,
+    /// The server answered a peek with `since` by a 4xx: peeks go without it.
+    since_refused: AtomicBool,
 }
 
 impl SignalDock {
@@ -113,6 +115,7 @@ impl SignalDock {
             bases,
             active: AtomicUsize::new(0),
             timeout: REQUEST_TIMEOUT,
+            since_refused: AtomicBool::new(false),
         })
     }
 
@@ -229,7 +232,7 @@ impl SignalDock {
         let result = async {
             let response = request.send().await.map_err(|e| self.transport_error(&e))?;
             let status = response.status();
-            let retry_after = response
+            let retry_after_header = response
                 .headers()
                 .get(header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
@@ -241,11 +244,14 @@ impl SignalDock {
             if !status.is_success() {
                 return Err(Error::Status {
                     status: status.as_u16(),
-                    retry_after,
+                    // The real server puts the wait in the body (`retry_after_ms`) and may
+                    // send no header: honour whichever is there.
+                    retry_after: retry_after_header.or_else(|| retry_after_in_body(&bytes)),
                     // A server may quote the key back ("key … is expired"): never pass it on.
                     message: self.credentials.scrub(&error_message(status, &bytes)),
                 });
             }
+            self.credentials.note_accepted(key);
             parse_envelope(&bytes)
         }
         .await;
@@ -270,20 +276,32 @@ impl SignalDock {
 
     // ----- the calls of WIRE.md -----
 
-    /// `GET /messages/peek`: pending messages, non-destructive.
-    pub async fn peek(
-        &self,
-        limit: u32,
-        since: Option<&str>,
-        mentioned: Option<&str>,
-    ) -> Result<Vec<Value>> {
+    /// `GET /messages/peek`: this agent's pending messages, oldest first, non-destructive.
+    ///
+    /// The inbox is the one `X-Agent-Id` names. Never `mentioned=`: on the real server that
+    /// is an @-mention content filter, and it hides every DM that does not @-mention us.
+    /// `since` is only a hint: a server that refuses it (4xx) is asked again without it, and
+    /// not asked with it again, so a track never stalls on it.
+    pub async fn peek(&self, limit: u32, since: Option<&str>) -> Result<Vec<Value>> {
+        let since = since.filter(|_| !self.since_refused.load(Ordering::Relaxed));
+        match self.peek_once(limit, since).await {
+            Err(Error::Status { status, .. }) if since.is_some() && refuses_a_hint(status) => {
+                tracing::info!(
+                    status,
+                    "the server refuses `since` on a peek: peeking without it from now on"
+                );
+                self.since_refused.store(true, Ordering::Relaxed);
+                self.peek_once(limit, None).await
+            }
+            answer => answer,
+        }
+    }
+
+    async fn peek_once(&self, limit: u32, since: Option<&str>) -> Result<Vec<Value>> {
         let limit = limit.to_string();
         let mut query = vec![("limit", limit.as_str())];
         if let Some(since) = since {
             query.push(("since", since));
-        }
-        if let Some(mentioned) = mentioned {
-            query.push(("mentioned", mentioned));
         }
         let data = self
             .call(Method::GET, &["messages", "peek"], &query, None)
@@ -426,6 +444,25 @@ fn error_message(status: StatusCode, bytes: &[u8]) -> String {
     text.chars().take(200).collect()
 }
 
+/// A 4xx that refuses what was asked rather than who asked or how often: the request
+/// may succeed without an optional parameter.
+fn refuses_a_hint(status: u16) -> bool {
+    (400..500).contains(&status) && !matches!(status, 401 | 403 | 408 | 429)
+}
+
+/// The wait of the structured error envelope (signaldock-protocol `error.rs`):
+/// `{"success":false,"error":{…,"retry_after_ms":N}}`, capped like the header.
+fn retry_after_in_body(bytes: &[u8]) -> Option<Duration> {
+    let body: Value = serde_json::from_slice(bytes).ok()?;
+    let ms = body.get("error")?.get("retry_after_ms")?;
+    let ms = ms.as_u64().or_else(|| {
+        ms.as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0)
+            .map(|f| f as u64)
+    })?;
+    Some(Duration::from_millis(ms).min(MAX_RETRY_AFTER))
+}
+
 fn messages_of(data: Value) -> Result<Vec<Value>> {
     match data {
         Value::Object(mut obj) => match obj.remove("messages") {
@@ -476,15 +513,57 @@ mod tests {
         let url = endpoint(
             &base,
             &["messages", "peek"],
-            &[("mentioned", "a&b=c"), ("limit", "50")],
+            &[("since", "a&b=c"), ("limit", "50")],
         )
         .unwrap();
-        assert_eq!(url.query(), Some("mentioned=a%26b%3Dc&limit=50"));
+        assert_eq!(url.query(), Some("since=a%26b%3Dc&limit=50"));
         for dots in [".", ".."] {
             assert!(matches!(
                 endpoint(&base, &["conversations", dots], &[]),
                 Err(Error::Config(_))
             ));
+        }
+    }
+
+    #[test]
+    fn the_wait_of_a_rate_limit_comes_from_the_body_too() {
+        let envelope = |extra: &str| {
+            format!(
+                r#"{{"success":false,"error":{{"code":"E_RATE_LIMITED","message":"slow down","category":"rate_limit","retryable":true{extra}}}}}"#
+            )
+        };
+        for (body, want) in [
+            (envelope(r#","retry_after_ms":1500"#), Some(1500)),
+            (envelope(r#","retry_after_ms":60000"#), Some(60_000)),
+            (envelope(r#","retry_after_ms":2.5"#), Some(2)),
+            (envelope(r#","retry_after_ms":999999999"#), Some(300_000)),
+            (envelope(""), None),
+            (envelope(r#","retry_after_ms":"soon""#), None),
+            (envelope(r#","retry_after_ms":-5"#), None),
+            ("<html>".to_owned(), None),
+        ] {
+            assert_eq!(
+                retry_after_in_body(body.as_bytes()),
+                want.map(Duration::from_millis),
+                "{body}"
+            );
+        }
+        assert_eq!(
+            error_message(
+                StatusCode::TOO_MANY_REQUESTS,
+                envelope(r#","retry_after_ms":1500"#).as_bytes()
+            ),
+            "slow down"
+        );
+    }
+
+    #[test]
+    fn which_refusals_a_peek_without_since_may_cure() {
+        for status in [400, 404, 405, 409, 422] {
+            assert!(refuses_a_hint(status), "{status}");
+        }
+        for status in [200, 401, 403, 408, 429, 500, 503] {
+            assert!(!refuses_a_hint(status), "{status}");
         }
     }
 

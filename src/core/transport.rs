@@ -97,7 +97,8 @@ pub trait GroupFeed: Send + Sync {
     fn recent(&self, conversation: &str, limit: u32) -> BoxFuture<'_, Result<Vec<Value>>>;
 }
 
-/// Direct messages by `GET /messages/peek?mentioned={agentId}`, acked by `POST /messages/ack`.
+/// Direct messages by `GET /messages/peek` (the inbox `X-Agent-Id` names), acked by
+/// `POST /messages/ack`.
 pub struct PeekSource {
     client: Arc<SignalDock>,
 }
@@ -111,11 +112,7 @@ impl PeekSource {
 impl DirectSource for PeekSource {
     fn poll(&self, limit: u32, since: Option<String>) -> BoxFuture<'_, Result<Page>> {
         Box::pin(async move {
-            let agent = self.client.credentials().agent_id().to_owned();
-            let rows = self
-                .client
-                .peek(limit, since.as_deref(), Some(&agent))
-                .await?;
+            let rows = self.client.peek(limit, since.as_deref()).await?;
             Ok(Page::from_rows(rows, |row| {
                 super::message::from_rest_row(row, None)
             }))

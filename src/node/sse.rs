@@ -296,7 +296,7 @@ impl SseTransport {
         // stays queued on the server for the next poll).
         let room = limit - out.len();
         if room > 0 {
-            match rest.peek(room as u32, options.since.as_deref(), None).await {
+            match rest.peek(room as u32, options.since.as_deref()).await {
                 Ok(rows) => {
                     let page = Page::from_rows(rows, |row| message::from_rest_row(row, None));
                     for m in page.messages {

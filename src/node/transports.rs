@@ -261,7 +261,6 @@ impl HttpTransport {
             .peek(
                 options.limit.unwrap_or(50).clamp(1, 1000),
                 options.since.as_deref(),
-                None,
             )
             .await
             .map_err(|e| rest_error(&client, "poll", e))?;
