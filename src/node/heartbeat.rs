@@ -26,24 +26,20 @@ pub struct HeartbeatCore {
 }
 
 impl HeartbeatCore {
-    pub fn new(
-        credentials: Arc<Credentials>,
-        api_base_url: &str,
-        interval: std::time::Duration,
-    ) -> Result<Arc<Self>> {
-        if !super::config::usable_in_path(credentials.agent_id()) {
+    /// A heartbeat over `client`: inside a runtime, the runtime's one REST client (so the
+    /// beat fails over with everything else).
+    pub fn new(client: Arc<SignalDock>, interval: std::time::Duration) -> Result<Arc<Self>> {
+        let agent_id = client.credentials().agent_id();
+        if !super::config::usable_in_path(agent_id) {
             return Err(Error::new(
                 Status::InvalidArg,
                 format!(
-                    "heartbeat: the agent id {:?} cannot be used as an id in a URL path",
-                    credentials.agent_id()
+                    "heartbeat: the agent id {agent_id:?} cannot be used as an id in a URL path"
                 ),
             ));
         }
-        let client = SignalDock::new(credentials, api_base_url, None)
-            .map_err(|e| Error::new(Status::InvalidArg, e.to_string()))?;
         Ok(Arc::new(Self {
-            core: Heartbeat::new(Arc::new(client), interval),
+            core: Heartbeat::new(client, interval),
             live: Liveness::default(),
         }))
     }
@@ -76,8 +72,10 @@ impl HeartbeatService {
             .positive_ms("intervalMs")?
             .unwrap_or(DEFAULT_INTERVAL);
         let credentials = Credentials::new(agent_id, ApiKey::new(api_key));
+        let client = SignalDock::new(credentials, &api_base_url, None)
+            .map_err(|e| Error::new(Status::InvalidArg, e.to_string()))?;
         Ok(Self {
-            inner: HeartbeatCore::new(credentials, &api_base_url, interval)?,
+            inner: HeartbeatCore::new(Arc::new(client), interval)?,
         })
     }
 

@@ -68,6 +68,9 @@ pub struct PollerSettings {
     pub config: PollerConfig,
     pub credentials: Arc<Credentials>,
     pub api_base_url: String,
+    /// The REST client for group reads and the default peek: a runtime passes its one
+    /// client (with its failover); a standalone poller builds its own from `api_base_url`.
+    pub rest: Option<Arc<SignalDock>>,
     pub direct: Option<DirectPath>,
 }
 
@@ -78,12 +81,14 @@ impl PollerCore {
             config,
             credentials,
             api_base_url,
+            rest: shared_rest,
             direct,
         } = settings;
-        let rest = || {
-            SignalDock::new(credentials.clone(), &api_base_url, None)
+        let rest = || match &shared_rest {
+            Some(rest) => Ok(rest.clone()),
+            None => SignalDock::new(credentials.clone(), &api_base_url, None)
                 .map(Arc::new)
-                .map_err(|e| Error::new(Status::InvalidArg, e.to_string()))
+                .map_err(|e| Error::new(Status::InvalidArg, e.to_string())),
         };
         let groups: Option<Arc<dyn GroupFeed>> = if config.group_conversation_ids.is_empty() {
             None
@@ -216,6 +221,7 @@ impl AgentPoller {
             config,
             credentials: Credentials::new(agent_id, ApiKey::new(api_key)),
             api_base_url,
+            rest: None,
             direct,
         };
         Ok(Self {

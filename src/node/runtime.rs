@@ -408,6 +408,9 @@ async fn build(
     // The transport: the caller's (connected here), else resolved natively.
     let mut parts = Parts::default();
     let mut own = OwnParts::None;
+    // One REST client for every REST call of the runtime (peek, ack, groups, heartbeat,
+    // the SSE transport's push), so all of them share the credential and the failover.
+    let mut rest: Option<Arc<SignalDock>> = None;
     let direct = match &settings.transport {
         Some(transport) => {
             transport
@@ -436,7 +439,7 @@ async fn build(
                 }
                 Resolved::Http | Resolved::Sse => {
                     let http = HttpTransport::with_credentials(credentials.clone());
-                    let rest = http
+                    let client = http
                         .connect_native(
                             &credential.agent_id,
                             &credential.api_key,
@@ -447,14 +450,30 @@ async fn build(
                         .map_err(|e| fail("HTTP transport failed to connect", e))?;
                     parts.http_slot = Some(http.slot());
                     own = if resolved == Resolved::Sse {
-                        OwnParts::Sse(rest.clone())
+                        OwnParts::Sse(client.clone())
                     } else {
                         OwnParts::Http(http)
                     };
-                    DirectPath::Native(Arc::new(PeekSource::new(rest)))
+                    rest = Some(client.clone());
+                    DirectPath::Native(Arc::new(PeekSource::new(client)))
                 }
             }
         }
+    };
+
+    let rest = match rest {
+        Some(rest) => Some(rest),
+        None if credential.has_rest() => {
+            let client = SignalDock::new(
+                credentials.clone(),
+                &credential.api_base_url,
+                credential.fallback(),
+            )
+            .map_err(|e| fail("apiBaseUrl", e))?;
+            client.choose_base().await;
+            Some(Arc::new(client))
+        }
+        None => None,
     };
 
     let poll_interval = settings
@@ -503,7 +522,6 @@ async fn build(
 
     let agent_id = credential.agent_id.clone();
     let api_base_url = credential.api_base_url.clone();
-    let has_rest = credential.has_rest();
     let shared = credentials.clone();
     let sse_connect = json!({
         "agentId": credential.agent_id, "apiKey": credential.api_key, "apiBaseUrl": credential.api_base_url, "sseEndpoint": sse_endpoint,
@@ -512,7 +530,7 @@ async fn build(
         .run(move |env| {
             let poller = PollerCore::build(
                 env,
-                PollerSettings { config: poller_config, credentials: shared.clone(), api_base_url: api_base_url.clone(), direct: Some(direct) },
+                PollerSettings { config: poller_config, credentials: shared.clone(), api_base_url: api_base_url.clone(), rest: rest.clone(), direct: Some(direct) },
             )?;
             // Started now, so nothing that arrives is lost; without a handler it only waits.
             poller.start(env)?;
@@ -552,9 +570,9 @@ async fn build(
                     Some((core, None))
                 }
             };
-            let heartbeat = match (heartbeat_interval, has_rest) {
-                (Some(interval), true) => {
-                    let heartbeat = HeartbeatCore::new(shared.clone(), &api_base_url, interval)?;
+            let heartbeat = match (heartbeat_interval, &rest) {
+                (Some(interval), Some(rest)) => {
+                    let heartbeat = HeartbeatCore::new(rest.clone(), interval)?;
                     heartbeat.start(env)?;
                     Some(heartbeat)
                 }
