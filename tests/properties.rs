@@ -54,7 +54,12 @@ proptest! {
             prop_assert!(!m.timestamp.is_empty());
             // The row's own groupId, never the conversation it was read from; the
             // conversation is the thread when the row names none.
-            prop_assert_eq!(m.group_id.as_deref(), row.get("groupId").and_then(|g| g.as_str()));
+            let own = match row.get("groupId") {
+                Some(serde_json::Value::String(g)) => Some(g.clone()),
+                Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            };
+            prop_assert_eq!(m.group_id, own);
             if let (Some(g), None) = (&group, row.get("conversationId")) {
                 prop_assert_eq!(m.thread_id.as_deref(), Some(g.as_str()));
             }
