@@ -43,7 +43,7 @@ function rotatingRegistry(sd, cred) {
   const rotate = registry.rotateKey.bind(registry);
   registry.rotateKey = async (id) => {
     const answer = await rotate(id);
-    sd.addKey(id, answer.newApiKey);
+    sd.addKey(id, (await registry.get(id)).apiKey); // the stored key: the answer is masked
     return answer;
   };
   return registry;

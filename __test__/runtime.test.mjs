@@ -262,7 +262,7 @@ describe('key hand-over inside a runtime', () => {
     const registry = new FakeRegistry(credential('alice', 'key-a', sd.url, { updatedAt: old }));
     // The server learns the new key when the registry rotates it.
     const rotate = registry.rotateKey.bind(registry);
-    registry.rotateKey = async (id) => { const r = await rotate(id); sd.addKey('alice', r.newApiKey); return r; };
+    registry.rotateKey = async (id) => { const r = await rotate(id); sd.addKey('alice', (await registry.get(id)).apiKey); return r; };
     const handle = await runtime(registry, { pollIntervalMs: 200, heartbeatIntervalMs: 200, groupConversationIds: ['g'] });
     const got = [];
     handle.poller.onMessage((m) => { got.push(m.content); });

@@ -103,7 +103,7 @@ describe('signaldock test server', () => {
     });
 
     it('refuses missing, wrong, foreign and expired keys with 401', async () => {
-      const unauthorized = { success: false, error: { message: 'unauthorized' } };
+      const unauthorized = { success: false, error: { code: 'E_UNAUTHORIZED', message: 'unauthorized', category: 'auth', retryable: false } };
       const cases = [
         await call(sd, 'GET', '/messages/peek'),
         await call(sd, 'GET', '/messages/peek', { agent: 'alice', key: 'nope' }),
@@ -176,17 +176,19 @@ describe('signaldock test server', () => {
   });
 
   describe('direct messages', () => {
-    it('peek is non-destructive, oldest first, honours limit/since/mentioned; ack delivers', async () => {
-      const m1 = sd.sendDirect('bob', 'alice', 'one');
-      const m2 = sd.sendDirect('bob', 'alice', 'two', { metadata: { k: 1 } });
-      const m3 = sd.sendDirect('bob', 'alice', 'three');
+    it('peek is the X-Agent-Id inbox, non-destructive, oldest first, honours limit/since; mentioned filters content', async () => {
+      const at = (s) => ({ createdAt: `2026-04-07T12:00:0${s}Z` });
+      const m1 = sd.sendDirect('bob', 'alice', 'one', at(1));
+      const m2 = sd.sendDirect('bob', 'alice', 'two @alice', { metadata: { k: 1 }, ...at(2) });
+      const m3 = sd.sendDirect('bob', 'alice', 'three', at(2));
       sd.sendDirect('alice', 'bob', 'not for alice');
       expect(m1).toMatchObject({
         fromAgentId: 'bob', toAgentId: 'alice', content: 'one', contentType: 'text',
         conversationId: 'alice,bob',
       });
       expect(m1.id).toMatch(/^[0-9a-f-]{36}$/);
-      expect(new Date(m1.createdAt).toISOString()).toBe(m1.createdAt);
+      // Whole seconds, as the real store keeps them.
+      expect(sd.sendDirect('bob', 'carol', 'now').createdAt).toMatch(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$/);
       expect(dmConversationId('zed', 'amy')).toBe('amy,zed');
 
       const peek = async (qs = '') => (await (await asAlice(sd, 'GET', `/messages/peek${qs}`)).json()).data.messages;
@@ -194,7 +196,11 @@ describe('signaldock test server', () => {
       expect((await peek()).map((m) => m.id)).toEqual([m1.id, m2.id, m3.id]); // still there
       expect((await peek('?limit=2')).map((m) => m.id)).toEqual([m1.id, m2.id]);
       expect((await peek(`?since=${encodeURIComponent(m1.createdAt)}`)).map((m) => m.id)).toEqual([m2.id, m3.id]);
-      expect((await peek('?mentioned=alice&limit=50')).map((m) => m.id)).toEqual([m1.id, m2.id, m3.id]);
+      // Rows of the same second as `since` are not returned: seconds, strictly after.
+      expect((await peek(`?since=${encodeURIComponent(m2.createdAt)}`)).map((m) => m.id)).toEqual([]);
+      // mentioned= is an @-mention content filter, not the inbox owner.
+      expect((await peek('?mentioned=alice&limit=50')).map((m) => m.id)).toEqual([m2.id]);
+      expect((await peek('?mentioned=bob')).map((m) => m.id)).toEqual([]);
       expect((await peek())[1].metadata).toEqual({ k: 1 });
 
       const ack = await asAlice(sd, 'POST', '/messages/ack', { body: { messageIds: [m1.id, m3.id, 'unknown'] } });
@@ -232,7 +238,8 @@ describe('signaldock test server', () => {
 
   describe('conversations', () => {
     it('lists newest first by default and with sort=desc, oldest first with sort=asc', async () => {
-      const ids = ['a', 'b', 'c', 'd'].map((c) => sd.postToConversation('team', 'bob', c).id);
+      // Distinct seconds: rows of one second have no order (see the real-server tests).
+      const ids = ['a', 'b', 'c', 'd'].map((c, i) => sd.postToConversation('team', 'bob', c, { createdAt: `2026-04-07T12:00:0${i}Z` }).id);
       const list = async (qs) => (await (await asAlice(sd, 'GET', `/conversations/team/messages${qs}`)).json()).data.messages.map((m) => m.id);
       expect(await list('?sort=desc&limit=3')).toEqual([ids[3], ids[2], ids[1]]);
       expect(await list('')).toEqual([...ids].reverse());
@@ -286,7 +293,10 @@ describe('signaldock test server', () => {
         const res = await asAlice(sd, 'GET', '/messages/peek?limit=5');
         expect(res.status).toBe(429);
         expect(res.headers.get('retry-after')).toBe('3');
-        expect(await res.json()).toEqual({ success: false, error: { message: 'injected 429' } });
+        expect(await res.json()).toEqual({
+          success: false,
+          error: { code: 'E_RATE_LIMITED', message: 'injected 429', category: 'rate_limit', retryable: true, retry_after_ms: 3000 },
+        });
       }
       expect(rule.hits).toBe(2);
       expect((await asAlice(sd, 'GET', '/messages/peek')).status).toBe(200);
@@ -388,6 +398,7 @@ describe('signaldock test server', () => {
 
   describe('SSE /messages/stream', () => {
     it('opens with a connected event, pushes DMs (snake shape, ids) and marks them delivered', async () => {
+      sd.sseShape = 'snake';
       const s = await openSse(`${sd.url}/messages/stream`, aliceStreamHeaders);
       expect(s.status).toBe(200);
       expect(s.headers['content-type']).toMatch(/^text\/event-stream/);
@@ -415,7 +426,8 @@ describe('signaldock test server', () => {
       s.close();
     });
 
-    it('replays events after Last-Event-ID on reconnect and records the header', async () => {
+    it('replays events after Last-Event-ID on reconnect and records the header (numbered shapes)', async () => {
+      sd.sseShape = 'snake';
       const s1 = await openSse(`${sd.url}/messages/stream`, aliceStreamHeaders);
       const ids = ['a', 'b', 'c'].map((c) => sd.sendDirect('bob', 'alice', c).id);
       await s1.waitFor((c) => c.messages().length === 3);
@@ -472,7 +484,7 @@ describe('signaldock test server', () => {
       await sd.close();
       sd = await startSignalDock({ agents: AGENTS, heartbeatMs: 80 });
       const s = await openSse(`${sd.url}/messages/stream`, aliceStreamHeaders);
-      const beats = () => s.events.filter((e) => e.data === '{"type":"heartbeat"}').length;
+      const beats = () => s.events.filter((e) => e.event === 'heartbeat').length;
       await s.waitFor(() => beats() >= 2);
 
       sd.silence = true;
@@ -535,6 +547,100 @@ describe('signaldock test server', () => {
     expect(await delayed).toBe('ECONNRESET');
     await s.waitFor((c) => c.ended);
     sd = null;
+  });
+});
+
+describe('the real server, as the public SignalDock crates show it (defaults)', () => {
+  let sd;
+  beforeEach(async () => { sd = await startSignalDock({ agents: { alice: 'key-a', bob: 'key-b', carol: 'key-c' } }); });
+  afterEach(async () => { await sd?.close(); });
+  const listing = async (conv, limit = 50) => (await (await asAlice(sd, 'GET', `/conversations/${conv}/messages?sort=desc&limit=${limit}`)).json()).data.messages;
+
+  it('a post fans out one copy per member but the sender: own ids, one groupId, each in its inbox', async () => {
+    sd.createConversation('ops', ['alice', 'bob', 'carol']);
+    const post = sd.postToConversation('ops', 'bob', '@carol hello');
+    expect(post.copies.map((c) => c.toAgentId).sort()).toEqual(['alice', 'carol']);
+    expect(new Set(post.copies.map((c) => c.id)).size).toBe(2);
+    expect(new Set(post.copies.map((c) => c.groupId))).toEqual(new Set([post.groupId]));
+    expect(sd.pending('alice').map((m) => m.groupId)).toEqual([post.groupId]);
+    expect(sd.pending('carol').map((m) => m.groupId)).toEqual([post.groupId]);
+    expect(sd.pending('bob')).toEqual([]);
+    // Not a member: nothing in the inbox, the listing only.
+    sd.createConversation('other', ['bob', 'carol']);
+    sd.postToConversation('other', 'bob', '@alice hi');
+    expect(sd.pending('alice')).toHaveLength(1);
+  });
+
+  it('the listing shows one row per groupId (the smallest copy id) and shuffles rows of one second', async () => {
+    sd.createConversation('ops', ['alice', 'bob', 'carol']);
+    const post = sd.postToConversation('ops', 'bob', 'one post', { createdAt: '2026-04-07T12:00:00Z' });
+    let rows = await listing('ops');
+    expect(rows).toHaveLength(1);
+    expect(rows[0].id).toBe(post.copies.map((c) => c.id).sort()[0]);
+    expect(rows[0].groupId).toBe(post.groupId);
+    for (let i = 0; i < 6; i++) sd.postToConversation('ops', 'carol', `tie ${i}`, { createdAt: '2026-04-07T12:00:05Z' });
+    sd.postToConversation('ops', 'carol', 'newest', { createdAt: '2026-04-07T12:00:09Z' });
+    const orders = new Set();
+    for (let i = 0; i < 20; i++) {
+      rows = await listing('ops');
+      expect(rows[0].content).toBe('newest');
+      expect(rows.at(-1).content).toBe('one post');
+      orders.add(rows.slice(1, 7).map((r) => r.content).join());
+    }
+    expect(orders.size).toBeGreaterThan(1); // no tiebreak: the order of a tie is not stable
+  });
+
+  it('pushes the real frame (id = message id, event: message, camelCase, no groupId) and heartbeats as events', async () => {
+    await sd.close();
+    sd = await startSignalDock({ agents: { alice: 'key-a', bob: 'key-b' }, heartbeatMs: 50 });
+    const s = await openSse(`${sd.url}/messages/stream`, aliceStreamHeaders);
+    const m = sd.sendDirect('bob', 'alice', 'pushed');
+    await s.waitFor((c) => c.events.some((e) => e.event === 'message'));
+    const frame = s.events.find((e) => e.event === 'message');
+    expect(frame.id).toBe(m.id);
+    const data = JSON.parse(frame.data);
+    expect(data).toEqual({
+      messageId: m.id, conversationId: 'alice,bob', from: 'bob', content: 'pushed', contentType: 'text',
+      createdAt: m.createdAt.replace('Z', '+00:00'), attachments: [],
+    });
+    await s.waitFor((c) => c.events.some((e) => e.event === 'heartbeat'));
+    expect(JSON.parse(s.events.find((e) => e.event === 'heartbeat').data)).toHaveProperty('timestamp');
+    expect(sd.delivered('alice').map((r) => r.id)).toEqual([m.id]);
+    s.close();
+  });
+
+  it('Last-Event-ID replays the messages after that one (up to 100), marking them delivered', async () => {
+    const first = sd.sendDirect('bob', 'alice', 'first');
+    const later = [sd.sendDirect('bob', 'alice', 'second'), sd.sendDirect('bob', 'alice', 'third')];
+    const s = await openSse(`${sd.url}/messages/stream`, { ...aliceStreamHeaders, 'last-event-id': first.id });
+    await s.waitFor((c) => c.messages().length >= 2);
+    expect(s.messages().map((e) => e.id)).toEqual(later.map((m) => m.id));
+    expect(sd.pending('alice').map((m) => m.id)).toEqual([first.id]);
+    s.close();
+  });
+
+  it('errors are the structured envelope; a 429 carries retry_after_ms, with a header only when asked', async () => {
+    sd.inject({ path: '/messages/peek', status: 429, retryAfterMs: 1500 });
+    let res = await asAlice(sd, 'GET', '/messages/peek');
+    expect(res.status).toBe(429);
+    expect(res.headers.get('retry-after')).toBeNull();
+    expect((await res.json()).error).toEqual({
+      code: 'E_RATE_LIMITED', message: 'injected 429', category: 'rate_limit', retryable: true, retry_after_ms: 1500,
+    });
+    sd.inject({ path: '/messages/peek', status: 429 });
+    expect((await (await asAlice(sd, 'GET', '/messages/peek')).json()).error.retry_after_ms).toBe(60_000);
+    res = await call(sd, 'GET', '/messages/peek', { agent: 'alice', key: 'wrong' });
+    expect((await res.json()).error).toMatchObject({ code: 'E_UNAUTHORIZED', category: 'auth', retryable: false });
+  });
+
+  it('peekSince: refuse answers a since with 400, and a fault rule can match on the query', async () => {
+    sd.peekSince = 'refuse';
+    expect((await asAlice(sd, 'GET', '/messages/peek?since=2026-01-01T00:00:00Z')).status).toBe(400);
+    expect((await asAlice(sd, 'GET', '/messages/peek')).status).toBe(200);
+    sd.peekSince = 'timestamp';
+    sd.inject({ path: '/messages/peek', query: { limit: '7' }, status: 503 });
+    expect((await asAlice(sd, 'GET', '/messages/peek?limit=8')).status).toBe(200);
+    expect((await asAlice(sd, 'GET', '/messages/peek?limit=7')).status).toBe(503);
   });
 });
 
@@ -614,7 +720,8 @@ describe('CLI mode and control API', () => {
       ]);
       expect(stats.requests).toBe(12);
       expect(stats.streams).toBe(0);
-      expect(stats.pending).toEqual({ alice: 0, bob: 1, carol: 0 });
+      // bob: the legacy-ids DM, and his copy of alice's post to g/1.
+      expect(stats.pending).toEqual({ alice: 0, bob: 2, carol: 0 });
       expect(stats.acked).toEqual({ alice: 0, bob: 1, carol: 0 });
     } finally {
       child.kill('SIGTERM');

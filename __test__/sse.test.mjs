@@ -771,7 +771,7 @@ describe('createRuntime with SSE', () => {
     const registry = new FakeRegistry(sseCredential({ updatedAt: old }));
     const rotate = registry.rotateKey.bind(registry);
     // The server learns the new key when the registry rotates it.
-    registry.rotateKey = async (id) => { const r = await rotate(id); sd.addKey('alice', r.newApiKey); return r; };
+    registry.rotateKey = async (id) => { const r = await rotate(id); sd.addKey('alice', (await registry.get(id)).apiKey); return r; };
     const handle = await runtime(registry, { pollIntervalMs: 500, heartbeatIntervalMs: 0 });
     const got = [];
     handle.poller.onMessage((m) => { got.push(m.id); });

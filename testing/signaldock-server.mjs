@@ -18,10 +18,35 @@
  *                  recorded in sd.requests) drives a server in another process,
  *                  which is how benchmarks use it.
  *
- * Deliberate choices a test author should know:
- *   - createdAt is strictly increasing across the server (a burst inside one
- *     millisecond gets +1 ms steps), so ordering and `since` are deterministic.
- *     Pass `extra.createdAt` to sendDirect to force equal timestamps.
+ * It behaves like the real server as the public SignalDock crates show it
+ * (kryptobaseddev/cleo: signaldock-storage, -protocol, -transport), by default
+ * including where that is awkward, because a kinder server hides exactly the bugs
+ * that lose messages in production:
+ *   - createdAt is in WHOLE SECONDS (the store keeps Unix seconds): messages in one
+ *     second tie. Pass `extra.createdAt` to force a timestamp.
+ *   - GET /messages/peek is this agent's inbox, scoped by X-Agent-Id; `mentioned`
+ *     is an @-mention content filter on it, not the inbox owner. `since` keeps rows
+ *     created strictly after that instant (seconds, so rows of the same second as
+ *     `since` are not returned); option `peekSince: 'refuse'` answers 400 instead.
+ *   - A post to a conversation is stored as one copy per member but the sender (its
+ *     own id, shared `groupId`), each in its member's inbox and pushed to its stream.
+ *     Members are those given to createConversation(), else every agent the server
+ *     knows when the conversation is first posted to.
+ *   - GET /conversations/:id/messages lists one row per COALESCE(groupId, id), the
+ *     copy with the smallest id, ordered by the earliest createdAt of its copies with
+ *     NO tiebreak: rows of one second come back in a different order per request
+ *     (seeded PRNG).
+ *   - SSE frames are the real ones: `id: <messageId>`, `event: message`, camelCase
+ *     data without groupId; keep-alives are `event: heartbeat`. A pushed message is
+ *     marked delivered at once, so a peek never returns it. Last-Event-ID replays up
+ *     to 100 of the agent's messages after that message. Options `sseShape: 'snake' |
+ *     'camel'` send the shapes of other servers.
+ *   - Errors are the structured envelope {success:false, error:{code, message,
+ *     category, retryable, retry_after_ms?}}; a 429 carries its wait in the body
+ *     (retry_after_ms, default 60000) and a Retry-After header only when the fault
+ *     rule gives `retryAfter` (seconds).
+ *   - POST /agents/:id/rotate-key answers the new key (a real registry then masks it
+ *     for its caller): the old key stays valid until expireKey().
  *   - Fault rules match the RAW request path (as sent, still percent-encoded).
  *   - Creating routes (POST /messages, POST /conversations/:id/messages) answer
  *     201, everything else that succeeds answers 200.
@@ -38,9 +63,18 @@ const GROUP_DEFAULT_LIMIT = 50;
 const SSE_HISTORY = 256;
 const MAX_BODY_BYTES = 16 * 1024 * 1024;
 const RULE_KEYS = new Set([
-  'method', 'path', 'agentId', 'times', 'probability', 'status', 'retryAfter', 'delayMs',
-  'hang', 'malformed', 'reset', 'dropAfterMs', 'message',
+  'method', 'path', 'agentId', 'times', 'probability', 'status', 'retryAfter', 'retryAfterMs',
+  'delayMs', 'hang', 'malformed', 'reset', 'dropAfterMs', 'message', 'query',
 ]);
+// The real server replays at most this many messages after a Last-Event-ID.
+const SSE_REPLAY = 100;
+// signaldock-protocol error.rs: status -> code, category and retryable of the envelope.
+const ERROR_KINDS = {
+  400: ['E_VALIDATION', 'validation', false], 401: ['E_UNAUTHORIZED', 'auth', false],
+  403: ['E_FORBIDDEN', 'auth', false], 404: ['E_NOT_FOUND', 'not_found', false],
+  409: ['E_CONFLICT', 'conflict', false], 429: ['E_RATE_LIMITED', 'rate_limit', true],
+  500: ['E_INTERNAL', 'internal', true], 503: ['E_UNAVAILABLE', 'unavailable', true],
+};
 // Query parameters that would carry a key in a URL. The old TypeScript client
 // used ?token=; refusing the others too keeps any key-in-URL loud in tests.
 const KEY_QUERY_PARAMS = ['token', 'api_key', 'apiKey', 'key'];
@@ -60,10 +94,12 @@ export async function startSignalDock(options = {}) {
 export class SignalDock {
   // Credentials: agentId -> Set of valid keys. Expired keys are simply removed.
   #keys = new Map();
-  // Direct messages addressed to an agent: agentId -> [{ row, state, via }].
+  // Messages addressed to an agent (DMs and its fan-out copies): agentId -> [{ row, state, via }].
   #inbox = new Map();
-  // Every conversation (group and DM): conversationId -> [row], oldest first.
+  // Every stored row of every conversation (group copies included): conversationId -> [row].
   #conversations = new Map();
+  // Members of a conversation: conversationId -> [agentId].
+  #members = new Map();
   #acked = new Map();
   #heartbeats = [];
   #statuses = [];
@@ -78,13 +114,13 @@ export class SignalDock {
   #sockets = new Set();
   #sleepers = new Map();
   #closed = false;
-  #lastTs = 0;
   #seed = 1;
   #rng = 1;
 
   constructor(options = {}) {
     this.heartbeatMs = options.heartbeatMs ?? 30_000;
-    this.sseShape = options.sseShape ?? 'snake';
+    this.sseShape = options.sseShape ?? 'real';
+    this.peekSince = options.peekSince ?? 'timestamp';
     this.eventIds = options.eventIds ?? true;
     this.pushToStreams = options.pushToStreams ?? true;
     this.silence = options.silence ?? false;
@@ -107,7 +143,7 @@ export class SignalDock {
   async listen() {
     this.#server = http.createServer((req, res) => {
       this.#handle(req, res).catch((err) => {
-        if (!res.headersSent && !res.destroyed) send(res, 500, fail(String(err?.message ?? err)));
+        if (!res.headersSent && !res.destroyed) send(res, 500, fail(String(err?.message ?? err), 500));
         else res.destroy();
       });
     });
@@ -157,24 +193,38 @@ export class SignalDock {
 
   sendDirect(from, to, content, extra = {}) {
     const row = {
-      id: randomUUID(), fromAgentId: from, toAgentId: to, content, contentType: 'text',
-      conversationId: dmConversationId(from, to), createdAt: this.#timestamp(), ...extra,
+      id: randomUUID(), conversationId: dmConversationId(from, to), fromAgentId: from, toAgentId: to,
+      content, contentType: 'text', createdAt: this.#timestamp(), ...extra,
     };
     this.#conversation(row.conversationId).push(row);
-    const entry = { row, state: 'pending', via: null };
-    if (!this.#inbox.has(to)) this.#inbox.set(to, []);
-    this.#inbox.get(to).push(entry);
-    if (this.#push(to, row)) { entry.state = 'delivered'; entry.via = 'sse'; }
+    this.#deliver(to, row);
     return { ...row };
   }
 
+  /** Declares a conversation's members (the agents a post to it fans out to). */
+  createConversation(conversationId, members) {
+    this.#members.set(conversationId, [...members]);
+  }
+
+  /**
+   * Posts to a conversation: one copy per member but the sender, each with its own id and
+   * the post's groupId, addressed to that member (inbox and stream). Returns the post as
+   * the listing shows it (the copy with the smallest id), with `copies` listing them all.
+   */
   postToConversation(conversationId, from, content, extra = {}) {
-    const row = {
-      id: randomUUID(), fromAgentId: from, toAgentId: null, content, contentType: 'text',
-      conversationId, createdAt: this.#timestamp(), ...extra,
-    };
-    this.#conversation(conversationId).push(row);
-    return { ...row };
+    if (!this.#members.has(conversationId)) this.#members.set(conversationId, [...this.#keys.keys()]);
+    const groupId = randomUUID();
+    const createdAt = this.#timestamp();
+    const recipients = this.#members.get(conversationId).filter((m) => m !== from);
+    // A post nobody else receives is still stored, as the sender's own row.
+    const copies = (recipients.length ? recipients : [null]).map((to) => ({
+      id: randomUUID(), conversationId, fromAgentId: from, toAgentId: to, content,
+      contentType: 'text', createdAt, groupId, ...extra,
+    }));
+    this.#conversation(conversationId).push(...copies);
+    for (const row of copies) if (row.toAgentId !== null) this.#deliver(row.toAgentId, row);
+    const listed = copies.reduce((a, b) => (b.id < a.id ? b : a));
+    return { ...listed, copies: copies.map((c) => ({ ...c })) };
   }
 
   pending(agentId) { return this.#rowsIn(agentId, 'pending'); }
@@ -242,9 +292,17 @@ export class SignalDock {
 
   // ================================================================ internals
 
+  // Whole seconds, as the real store keeps them (RFC 3339 with a Z, as serde writes UTC).
   #timestamp() {
-    this.#lastTs = Math.max(Date.now(), this.#lastTs + 1);
-    return new Date(this.#lastTs).toISOString();
+    return new Date(Math.floor(Date.now() / 1000) * 1000).toISOString().replace('.000Z', 'Z');
+  }
+
+  // Into the addressee's inbox, and straight to its streams when it has any (delivered).
+  #deliver(to, row) {
+    const entry = { row, state: 'pending', via: null };
+    if (!this.#inbox.has(to)) this.#inbox.set(to, []);
+    this.#inbox.get(to).push(entry);
+    if (this.#push(to, row)) { entry.state = 'delivered'; entry.via = 'sse'; }
   }
 
   #conversation(id) {
@@ -288,6 +346,8 @@ export class SignalDock {
       if (rule.method && rule.method.toUpperCase() !== rec.method) continue;
       if (rule.path != null && !pathMatches(rule.path, rec.path)) continue;
       if (rule.agentId != null && rule.agentId !== rec.agentId) continue;
+      // `query`: { name: value } must match; a value of true only asks that it be present.
+      if (rule.query != null && !Object.entries(rule.query).every(([k, v]) => (v === true ? k in rec.query : rec.query[k] === v))) continue;
       // Draw only for otherwise-matching rules so the sequence depends on traffic, not rule count.
       if (rule.probability != null && !(this.#random() < rule.probability)) continue;
       rule.hits += 1;
@@ -305,10 +365,11 @@ export class SignalDock {
     if (rule.reset) { req.socket.destroy(); return true; }
     // A hung request keeps its socket open; close() or the client's abort ends it.
     if (rule.hang) return true;
-    if (rule.status != null || rule.retryAfter != null) {
+    if (rule.status != null || rule.retryAfter != null || rule.retryAfterMs != null) {
       const status = rule.status ?? 429;
       const headers = rule.retryAfter != null ? { 'retry-after': String(rule.retryAfter) } : {};
-      send(res, status, fail(rule.message ?? `injected ${status}`), headers);
+      const waitMs = rule.retryAfterMs ?? (rule.retryAfter != null ? rule.retryAfter * 1000 : 60_000);
+      send(res, status, fail(rule.message ?? `injected ${status}`, status, status === 429 ? waitMs : undefined), headers);
       return true;
     }
     if (rule.malformed) {
@@ -342,7 +403,7 @@ export class SignalDock {
       // Decode each raw segment on its own, so an encoded '/' stays inside its id.
       segs = path.split('/').slice(1).map(decodeURIComponent);
     } catch {
-      return send(res, 400, fail('malformed percent-encoding in path'));
+      return send(res, 400, fail('malformed percent-encoding in path', 400));
     }
     // Route key: '/conversations/<id>/messages' -> 'conversations/:id/messages'. Only the
     // /messages/* routes have no id segment; every other two-level route has one.
@@ -354,41 +415,42 @@ export class SignalDock {
 
     const isStream = route === 'GET messages/stream';
     if (isStream && KEY_QUERY_PARAMS.some((p) => p in query)) {
-      return send(res, 401, fail('unauthorized: credentials in the URL are refused'));
+      return send(res, 401, fail('unauthorized: credentials in the URL are refused', 401));
     }
     const caller = this.#authenticate(req);
-    if (!caller) return send(res, 401, fail('unauthorized'));
+    if (!caller) return send(res, 401, fail('unauthorized', 401));
 
     switch (route) {
       case 'GET messages/stream':
         return this.#openStream(req, res, caller, rule?.dropAfterMs);
       case 'GET messages/peek':
-        return send(res, 200, ok({ messages: this.#peek(query.mentioned || caller, query) }));
+        if (query.since !== undefined && this.peekSince === 'refuse') {
+          return send(res, 400, fail('unknown query parameter: since', 400));
+        }
+        return send(res, 200, ok({ messages: this.#peek(caller, query) }));
       case 'POST messages/ack':
         return send(res, 200, ok({ acked: this.#ack(caller, body?.messageIds) }));
       case 'POST messages': {
         if (typeof body?.toAgentId !== 'string' || !body.toAgentId || typeof body.content !== 'string') {
-          return send(res, 400, fail('toAgentId and content are required'));
+          return send(res, 400, fail('toAgentId and content are required', 400));
         }
         const extra = body.metadata !== undefined ? { metadata: body.metadata } : {};
         const row = this.sendDirect(caller, body.toAgentId, body.content, extra);
-        return send(res, 201, ok(this.legacyIds ? { id: row.id } : { message: { id: row.id } }));
+        return send(res, 201, ok(this.legacyIds ? { id: row.id } : { message: row }));
       }
       case 'POST conversations/:id/messages': {
-        if (!param) return send(res, 404, fail('not found'));
-        if (typeof body?.content !== 'string') return send(res, 400, fail('content is required'));
+        if (!param) return send(res, 404, fail('not found', 404));
+        if (typeof body?.content !== 'string') return send(res, 400, fail('content is required', 400));
         const extra = body.replyTo != null ? { replyTo: body.replyTo } : {};
-        const row = this.postToConversation(param, caller, body.content, extra);
-        return send(res, 201, ok(this.legacyIds ? { id: row.id } : { message: { id: row.id } }));
+        const { copies, ...row } = this.postToConversation(param, caller, body.content, extra);
+        return send(res, 201, ok(this.legacyIds ? { id: row.id } : { message: row }));
       }
       case 'GET conversations/:id/messages': {
-        if (!param) return send(res, 404, fail('not found'));
+        if (!param) return send(res, 404, fail('not found', 404));
         if (this.groupDelayMs > 0) await this.#sleep(this.groupDelayMs);
         if (this.#closed) return;
         const limit = clampLimit(query.limit, GROUP_DEFAULT_LIMIT);
-        const rows = [...(this.#conversations.get(param) ?? [])];
-        if (query.sort !== 'asc') rows.reverse();
-        return send(res, 200, ok({ messages: rows.slice(0, limit) }));
+        return send(res, 200, ok({ messages: this.#listing(param, query.sort === 'asc').slice(0, limit) }));
       }
       case 'POST agents/:id/heartbeat':
         this.#heartbeats.push({ agentId: param, caller, body, status: body?.status, at: Date.now() });
@@ -397,21 +459,43 @@ export class SignalDock {
         this.#statuses.push({ agentId: param, caller, body, status: body?.status, at: Date.now() });
         return send(res, 200, ok({ agentId: param, status: body?.status }));
       case 'POST agents/:id/rotate-key': {
-        if (!this.#keys.has(param)) return send(res, 404, fail('unknown agent'));
+        if (!this.#keys.has(param)) return send(res, 404, fail('unknown agent', 404));
         // The old key stays valid (the overlap window) until a test calls expireKey.
         const apiKey = `sk-${param}-${randomUUID()}`;
         this.addKey(param, apiKey);
         return send(res, 200, ok({ agentId: param, apiKey }));
       }
       default:
-        return send(res, 404, fail('not found'));
+        return send(res, 404, fail('not found', 404));
     }
+  }
+
+  // diesel_messages.rs: one row per COALESCE(group_id, id) (the smallest id of the copies),
+  // ordered by the earliest created_at of the group, NO tiebreak. Ties are shuffled per
+  // request, so a client that relies on an order among them is found out.
+  #listing(conversationId, ascending) {
+    const groups = new Map();
+    for (const row of this.#conversations.get(conversationId) ?? []) {
+      const key = row.groupId ?? row.id;
+      const at = Date.parse(row.createdAt);
+      const seen = groups.get(key);
+      if (!seen) groups.set(key, { row, at });
+      else {
+        if (row.id < seen.row.id) seen.row = row;
+        seen.at = Math.min(seen.at, at);
+      }
+    }
+    const listed = [...groups.values()].map((g) => ({ ...g, tie: this.#random() }));
+    listed.sort((a, b) => (ascending ? a.at - b.at : b.at - a.at) || a.tie - b.tie);
+    return listed.map((g) => ({ ...g.row, groupId: g.row.groupId ?? g.row.id }));
   }
 
   #peek(agentId, query) {
     const limit = clampLimit(query.limit, PEEK_DEFAULT_LIMIT);
     let rows = (this.#inbox.get(agentId) ?? []).filter((e) => e.state === 'pending').map((e) => e.row);
     if (query.since) rows = rows.filter((r) => isAfter(r.createdAt, query.since));
+    // MessageQuery.mentioned: messages whose content @-mentions that agent, within the inbox.
+    if (query.mentioned) rows = rows.filter((r) => mentionsAgent(r.content, query.mentioned));
     // Stable sort: rows with forced equal timestamps keep their arrival order.
     rows.sort((a, b) => compareTime(a.createdAt, b.createdAt));
     return rows.slice(0, limit);
@@ -448,12 +532,13 @@ export class SignalDock {
     res.on('close', () => this.#forgetStream(stream));
 
     res.write(`event: connected\ndata: ${JSON.stringify({ agentId })}\n\n`);
-    const lastId = Number.parseInt(req.headers['last-event-id'] ?? '', 10);
-    if (this.eventIds && Number.isFinite(lastId)) {
-      for (const ev of this.#history.get(agentId) ?? []) if (ev.id > lastId) res.write(ev.frame);
-    }
+    const lastId = req.headers['last-event-id'];
+    if (this.eventIds && lastId) this.#replay(stream, lastId);
     stream.timer = setInterval(() => {
-      if (!this.silence) res.write('data: {"type":"heartbeat"}\n\n');
+      if (this.silence) return;
+      res.write(this.sseShape === 'real'
+        ? `event: heartbeat\ndata: ${JSON.stringify({ timestamp: rfc3339(Date.now()) })}\n\n`
+        : 'data: {"type":"heartbeat"}\n\n');
     }, this.heartbeatMs);
     if (dropAfterMs != null) {
       stream.dropTimer = setTimeout(() => { this.#forgetStream(stream); stream.socket.destroy(); }, dropAfterMs);
@@ -472,10 +557,25 @@ export class SignalDock {
     return [...this.#streams.values()].flatMap((set) => [...set]);
   }
 
-  /** Push a DM to the recipient's open streams; true when at least one stream got it. */
+  /** Push a message to the addressee's open streams; true when at least one stream got it. */
   #push(agentId, row) {
     const targets = this.#streamList(agentId);
     if (!this.pushToStreams || targets.length === 0) return false;
+    const frame = this.#frame(agentId, row);
+    for (const s of targets) s.res.write(frame);
+    return true;
+  }
+
+  #frame(agentId, row) {
+    if (this.sseShape === 'real') {
+      // signaldock-transport adapters/sse.rs: the message id is the event id; no groupId.
+      const data = {
+        messageId: row.id, conversationId: row.conversationId, from: row.fromAgentId,
+        content: row.content, contentType: row.contentType, createdAt: rfc3339(Date.parse(row.createdAt)),
+        attachments: [],
+      };
+      return `${this.eventIds ? `id: ${row.id}\n` : ''}event: message\ndata: ${JSON.stringify(data)}\n\n`;
+    }
     const payload = this.sseShape === 'camel'
       ? { id: row.id, from: row.fromAgentId, content: row.content, threadId: row.conversationId, timestamp: row.createdAt }
       : {
@@ -493,8 +593,25 @@ export class SignalDock {
       history.push({ id, frame });
       if (history.length > SSE_HISTORY) history.shift();
     }
-    for (const s of targets) s.res.write(frame);
-    return true;
+    return frame;
+  }
+
+  // Last-Event-ID: the real server replays up to 100 of the agent's messages after that one
+  // (and they are delivered now); the other shapes replay their numbered frames.
+  #replay(stream, lastId) {
+    if (this.sseShape === 'real') {
+      const inbox = this.#inbox.get(stream.agentId) ?? [];
+      const at = inbox.findIndex((e) => e.row.id === lastId);
+      if (at < 0) return;
+      for (const entry of inbox.slice(at + 1, at + 1 + SSE_REPLAY)) {
+        stream.res.write(this.#frame(stream.agentId, entry.row));
+        if (entry.state === 'pending') { entry.state = 'delivered'; entry.via = 'sse'; }
+      }
+      return;
+    }
+    const n = Number.parseInt(lastId, 10);
+    if (!Number.isFinite(n)) return;
+    for (const ev of this.#history.get(stream.agentId) ?? []) if (ev.id > n) stream.res.write(ev.frame);
   }
 
   // ---------------------------------------------------------------- control API (/_test/)
@@ -507,6 +624,9 @@ export class SignalDock {
           return send(res, 200, { message: this.sendDirect(b.from, b.to, b.content, b.extra) });
         case 'POST /post':
           return send(res, 200, { message: this.postToConversation(b.conversationId, b.from, b.content, b.extra) });
+        case 'POST /conversation':
+          this.createConversation(b.conversationId, b.members ?? []);
+          return send(res, 200, { conversationId: b.conversationId, members: b.members ?? [] });
         case 'POST /inject': {
           const { pathRegex, ...rule } = b.rule ?? {};
           if (pathRegex != null) rule.path = new RegExp(pathRegex);
@@ -537,7 +657,7 @@ export class SignalDock {
         case 'GET /stats':
           return send(res, 200, this.#stats());
         case 'POST /set': {
-          const settable = ['pushToStreams', 'silence', 'legacyIds', 'groupDelayMs', 'heartbeatMs', 'sseShape', 'eventIds', 'seed'];
+          const settable = ['pushToStreams', 'silence', 'legacyIds', 'groupDelayMs', 'heartbeatMs', 'sseShape', 'eventIds', 'seed', 'peekSince'];
           for (const key of Object.keys(b)) {
             if (!settable.includes(key)) throw new TypeError(`cannot set ${key}`);
             this[key] = b[key];
@@ -573,7 +693,19 @@ export class SignalDock {
 // ------------------------------------------------------------------ small helpers
 
 function ok(data) { return { success: true, data }; }
-function fail(message) { return { success: false, error: { message } }; }
+
+/** The structured error envelope of signaldock-protocol `error.rs`. */
+function fail(message, status = 500, retryAfterMs = undefined) {
+  const [code, category, retryable] = ERROR_KINDS[status] ?? (status >= 500 ? ERROR_KINDS[500] : ERROR_KINDS[400]);
+  const error = { code, message, category, retryable };
+  if (retryAfterMs !== undefined) error.retry_after_ms = retryAfterMs;
+  return { success: false, error };
+}
+
+/** chrono's `to_rfc3339()` of a UTC instant in whole seconds: `2026-04-07T12:00:00+00:00`. */
+function rfc3339(ms) {
+  return new Date(Math.floor(ms / 1000) * 1000).toISOString().replace('.000Z', '+00:00');
+}
 
 function send(res, status, payload, headers = {}) {
   if (res.destroyed || res.headersSent) return;
@@ -630,6 +762,10 @@ function compareTime(a, b) {
 
 function isAfter(createdAt, since) { return compareTime(createdAt, since) > 0; }
 
+function mentionsAgent(content, agentId) {
+  return typeof content === 'string' && content.toLowerCase().includes(`@${String(agentId).toLowerCase()}`);
+}
+
 // ------------------------------------------------------------------ CLI mode
 
 function parseArgs(argv) {
@@ -650,11 +786,13 @@ function parseArgs(argv) {
       case '--heartbeat-ms': opts.heartbeatMs = Number(value()); break;
       case '--group-delay-ms': opts.groupDelayMs = Number(value()); break;
       case '--sse-shape': opts.sseShape = value(); break;
+      case '--peek-since': opts.peekSince = value(); break;
       case '--no-event-ids': opts.eventIds = false; break;
       case '--seed': opts.seed = Number(value()); break;
       case '--help':
         process.stdout.write('usage: signaldock-server.mjs [--agents id:key,...] [--heartbeat-ms N] '
-          + '[--group-delay-ms N] [--sse-shape snake|camel] [--no-event-ids] [--seed N]\n');
+          + '[--group-delay-ms N] [--sse-shape real|snake|camel] [--peek-since timestamp|refuse] '
+          + '[--no-event-ids] [--seed N]\n');
         process.exit(0);
         break;
       default: throw new Error(`unknown argument: ${arg}`);

@@ -50,11 +50,18 @@ export class FakeTransport {
   }
 }
 
-/** A registry as hand-written tests fake it, over one mutable credential per agent. */
+/**
+ * A registry over one mutable credential per agent, modelled on the real one
+ * (agent-registry-accessor.ts): rotateKey stores the new key and resolves with a MASKED
+ * one, `"<first 8 chars>...rotated"`; the usable key is what get() returns. With `server`
+ * set (a test SignalDock), rotateKey asks the server for the new key, as the real one does.
+ */
 export class FakeRegistry {
   #creds = new Map();
   calls = [];
   rotations = 0;
+  answered = [];
+  server = null;
   constructor(...credentials) { for (const c of credentials) this.#creds.set(c.agentId, { ...c }); }
   async get(agentId) { this.calls.push(['get', agentId]); return this.#creds.get(agentId) ?? null; }
   async getActive() { this.calls.push(['getActive']); return [...this.#creds.values()].find((c) => c.isActive) ?? null; }
@@ -62,9 +69,20 @@ export class FakeRegistry {
     this.calls.push(['rotateKey', agentId]);
     this.rotations += 1;
     const cred = this.#creds.get(agentId);
-    cred.apiKey = `${agentId}-rotated-${this.rotations}`;
+    if (this.server) {
+      const answer = await fetch(`${this.server.url}/agents/${encodeURIComponent(agentId)}/rotate-key`, {
+        method: 'POST', headers: { authorization: `Bearer ${cred.apiKey}`, 'x-agent-id': agentId },
+      });
+      const body = await answer.json();
+      if (!body.success) throw new Error(`rotate-key: ${body.error?.message}`);
+      cred.apiKey = body.data.apiKey;
+    } else {
+      cred.apiKey = `${agentId}-rotated-${this.rotations}`;
+    }
     cred.updatedAt = new Date().toISOString();
-    return { agentId, newApiKey: cred.apiKey };
+    const answer = { agentId, newApiKey: `${cred.apiKey.slice(0, 8)}...rotated` };
+    this.answered.push(answer);
+    return answer;
   }
   set(agentId, patch) { Object.assign(this.#creds.get(agentId), patch); }
 }
