@@ -139,6 +139,22 @@ const WIRE_COLUMNS = {
   ],
 };
 
+/** The indexes on `messages` of the cleo CLI's signaldock.db (signaldock-storage's
+ * `2026-03-28-000000_initial` migration), as SQLite keeps them: [name, table, sql]. */
+const REAL_INDEXES = [
+  ['idx_messages_group_id', 'messages', 'CREATE INDEX idx_messages_group_id ON messages(group_id) WHERE group_id IS NOT NULL'],
+  ['idx_messages_reply_to', 'messages', 'CREATE INDEX idx_messages_reply_to ON messages(reply_to) WHERE reply_to IS NOT NULL'],
+  ['messages_conversation_idx', 'messages', 'CREATE INDEX messages_conversation_idx ON messages(conversation_id)'],
+  ['messages_created_at_idx', 'messages', 'CREATE INDEX messages_created_at_idx ON messages(created_at)'],
+  ['messages_from_agent_idx', 'messages', 'CREATE INDEX messages_from_agent_idx ON messages(from_agent_id)'],
+  ['messages_to_agent_idx', 'messages', 'CREATE INDEX messages_to_agent_idx ON messages(to_agent_id)'],
+];
+
+/** Every index with a definition (not SQLite's own primary-key ones), by name. */
+function indexes(db) {
+  return py(db, `print(json.dumps([list(r) for r in db.execute("SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL ORDER BY name")]))`);
+}
+
 describe('LocalTransport.ensureSchema', () => {
   it('creates the file, its directory and exactly the two tables of WIRE.md, in WAL mode', async () => {
     expect(existsSync(dbPath)).toBe(false);
@@ -155,6 +171,32 @@ print(json.dumps({'tables': tables, 'cols': cols, 'fks': fks, 'mode': mode}))
     expect(info.cols).toEqual(WIRE_COLUMNS);
     expect(info.fks).toEqual([['conversations', 'conversation_id', 'id']]);
     expect(info.mode).toBe('wal');
+    expect(indexes(dbPath)).toEqual(REAL_INDEXES);
+  });
+
+  it('adds the real indexes to tables an earlier ensureSchema made without them; idempotent; nothing else', async () => {
+    mkdirSync(join(dir, '.cleo'));
+    // The two tables as WIRE.md gives them, no index; a row; somebody else's table and index.
+    py(dbPath, `
+db.executescript("""
+CREATE TABLE conversations (id TEXT PRIMARY KEY, participants TEXT NOT NULL, visibility TEXT NOT NULL DEFAULT 'private',
+  message_count INTEGER NOT NULL DEFAULT 0, last_message_at INTEGER, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+CREATE TABLE messages (id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL REFERENCES conversations(id),
+  from_agent_id TEXT NOT NULL, to_agent_id TEXT NOT NULL, content TEXT NOT NULL, content_type TEXT NOT NULL DEFAULT 'text',
+  status TEXT NOT NULL DEFAULT 'pending', attachments TEXT NOT NULL DEFAULT '[]', group_id TEXT, metadata TEXT DEFAULT '{}',
+  reply_to TEXT, created_at INTEGER NOT NULL, delivered_at INTEGER, read_at INTEGER);
+CREATE TABLE agents (id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, status TEXT);
+CREATE INDEX agents_by_status ON agents(status);
+INSERT INTO conversations VALUES ('c1', 'alice,bob', 'private', 1, 1, 1, 1);
+INSERT INTO messages (id, conversation_id, from_agent_id, to_agent_id, content, created_at) VALUES ('m1', 'c1', 'bob', 'alice', 'kept', 1);
+""")
+`);
+    const agentsIndex = ['agents_by_status', 'agents', 'CREATE INDEX agents_by_status ON agents(status)'];
+    expect(indexes(dbPath)).toEqual([agentsIndex]);
+    await LocalTransport.ensureSchema(dbPath);
+    await LocalTransport.ensureSchema(dbPath);
+    expect(indexes(dbPath)).toEqual([agentsIndex, ...REAL_INDEXES]);
+    expect(row(dbPath, 'm1')).toMatchObject({ content: 'kept', status: 'pending' });
   });
 
   it('leaves a pre-existing unrelated table (schema, rows, index) exactly as it was', async () => {

@@ -66,6 +66,19 @@ CREATE TABLE IF NOT EXISTS messages (
   reply_to TEXT, created_at INTEGER NOT NULL, delivered_at INTEGER, read_at INTEGER);
 ";
 
+/// The indexes the cleo CLI's migration puts on `messages` (signaldock-storage
+/// `2026-03-28-000000_initial`), word for word: a file we create performs like one the CLI
+/// made (the poll reads by `to_agent_id`), and when the CLI later migrates the file its own
+/// `CREATE INDEX IF NOT EXISTS` finds the same index under the same name.
+const MESSAGE_INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS messages_conversation_idx ON messages(conversation_id);
+CREATE INDEX IF NOT EXISTS messages_from_agent_idx ON messages(from_agent_id);
+CREATE INDEX IF NOT EXISTS messages_to_agent_idx ON messages(to_agent_id);
+CREATE INDEX IF NOT EXISTS messages_created_at_idx ON messages(created_at);
+CREATE INDEX IF NOT EXISTS idx_messages_group_id ON messages(group_id) WHERE group_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS idx_messages_reply_to ON messages(reply_to) WHERE reply_to IS NOT NULL;
+";
+
 /// Where `signaldock.db` lives: in `cleo_dir` (the `CLEO_DIR` environment value) when it is
 /// set and non-empty, else in `<cwd>/.cleo`.
 ///
@@ -80,8 +93,8 @@ pub fn default_db_path(cleo_dir: Option<&OsStr>, cwd: &Path) -> PathBuf {
 }
 
 /// Creates `path` (and its directory) when missing, puts it in WAL mode, and creates the
-/// `conversations` and `messages` tables when missing. Tables already there, ours or not,
-/// are left as they are.
+/// `conversations` and `messages` tables and the CLI's indexes on `messages` when missing.
+/// Tables and indexes already there, ours or not, are left as they are.
 ///
 /// Blocking: from async code, call it inside `spawn_blocking`.
 pub fn ensure_schema(path: &Path) -> Result<()> {
@@ -99,6 +112,7 @@ pub fn ensure_schema(path: &Path) -> Result<()> {
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(storage)?;
     tx.execute_batch(SCHEMA).map_err(storage)?;
+    tx.execute_batch(MESSAGE_INDEXES).map_err(storage)?;
     tx.commit().map_err(storage)
 }
 

@@ -242,6 +242,116 @@ fn ensure_schema_leaves_other_tables_alone_and_is_idempotent() {
     assert_eq!(tables, 3);
 }
 
+/// The message indexes of the cleo CLI's signaldock.db, as its migration
+/// (`2026-03-28-000000_initial`) writes them and SQLite keeps them in `sqlite_master`.
+const REAL_INDEXES: [(&str, &str); 6] = [
+    (
+        "idx_messages_group_id",
+        "CREATE INDEX idx_messages_group_id ON messages(group_id) WHERE group_id IS NOT NULL",
+    ),
+    (
+        "idx_messages_reply_to",
+        "CREATE INDEX idx_messages_reply_to ON messages(reply_to) WHERE reply_to IS NOT NULL",
+    ),
+    (
+        "messages_conversation_idx",
+        "CREATE INDEX messages_conversation_idx ON messages(conversation_id)",
+    ),
+    (
+        "messages_created_at_idx",
+        "CREATE INDEX messages_created_at_idx ON messages(created_at)",
+    ),
+    (
+        "messages_from_agent_idx",
+        "CREATE INDEX messages_from_agent_idx ON messages(from_agent_id)",
+    ),
+    (
+        "messages_to_agent_idx",
+        "CREATE INDEX messages_to_agent_idx ON messages(to_agent_id)",
+    ),
+];
+
+/// Every index with a definition (SQLite's own primary-key indexes have none), by name.
+fn named_indexes(conn: &Connection) -> Vec<(String, String, String)> {
+    conn.prepare(
+        "SELECT name, tbl_name, sql FROM sqlite_master \
+         WHERE type = 'index' AND sql IS NOT NULL ORDER BY name",
+    )
+    .unwrap()
+    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+    .unwrap()
+    .collect::<rusqlite::Result<_>>()
+    .unwrap()
+}
+
+fn real_indexes() -> Vec<(String, String, String)> {
+    REAL_INDEXES
+        .iter()
+        .map(|(name, sql)| (name.to_string(), "messages".to_string(), sql.to_string()))
+        .collect()
+}
+
+#[test]
+fn ensure_schema_creates_the_real_message_indexes() {
+    let scratch = Scratch::new("indexes");
+    ensure_schema(&scratch.db()).unwrap();
+    assert_eq!(named_indexes(&scratch.raw()), real_indexes());
+
+    // The planner uses them for what the runtime asks most: this agent's pending rows.
+    let plan: String = scratch
+        .raw()
+        .query_row(
+            "EXPLAIN QUERY PLAN SELECT id FROM messages WHERE to_agent_id = 'alice' AND status = 'pending'",
+            [],
+            |r| r.get(3),
+        )
+        .unwrap();
+    assert!(plan.contains("messages_to_agent_idx"), "{plan}");
+}
+
+#[test]
+fn ensure_schema_adds_the_indexes_to_tables_made_without_them_and_touches_nothing_else() {
+    let scratch = Scratch::new("indexes-later");
+    std::fs::create_dir_all(scratch.db().parent().unwrap()).unwrap();
+    {
+        // A file as an earlier ensureSchema left it (the two tables, no indexes), with rows,
+        // and somebody else's table and index.
+        let conn = scratch.raw();
+        conn.execute_batch(SCHEMA).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE agents (id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, status TEXT);
+             CREATE INDEX agents_by_status ON agents(status);
+             INSERT INTO agents VALUES ('u1', 'alice', 'offline');",
+        )
+        .unwrap();
+        insert_row(&conn, "m1", "alice", 1, "pending", None);
+    }
+    let agents_index = (
+        "agents_by_status".to_string(),
+        "agents".to_string(),
+        "CREATE INDEX agents_by_status ON agents(status)".to_string(),
+    );
+    assert_eq!(
+        named_indexes(&scratch.raw()),
+        std::slice::from_ref(&agents_index)
+    );
+
+    ensure_schema(&scratch.db()).unwrap();
+    ensure_schema(&scratch.db()).unwrap();
+    let mut want = real_indexes();
+    want.insert(0, agents_index);
+    assert_eq!(named_indexes(&scratch.raw()), want);
+    let conn = scratch.raw();
+    let kept: (i64, String) = conn
+        .query_row(
+            "SELECT (SELECT count(*) FROM messages), (SELECT status FROM agents WHERE id = 'u1')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(kept, (1, "offline".to_string()));
+}
+
 #[tokio::test]
 async fn connect_refuses_a_missing_file_or_one_without_messages() {
     let scratch = Scratch::new("connect");
