@@ -357,6 +357,31 @@ print(json.dumps([dict(r) for r in db.execute('SELECT * FROM conversations')]))
     expect(py(dbPath, "print(json.dumps(db.execute('SELECT participants FROM conversations WHERE id = ?', (sys.argv[2],)).fetchone()[0]))", conv)).toBe('amy,zed');
   });
 
+  it('reuses a DM conversation signaldock-storage made (participants a JSON array), in either direction and by id', async () => {
+    py(dbPath, `
+db.execute("""INSERT INTO conversations (id, participants, visibility, message_count, created_at, updated_at) VALUES
+  ('sd-pair', '["alice","bob"]', 'private', 0, 1, 1),
+  ('sd-team', '["alice","bob","carol"]', 'private', 0, 2, 2)""")
+db.commit()
+`);
+    const alice = await connected('alice');
+    const bob = await connected('bob');
+    const a = await alice.push('bob', 'hi bob');
+    const b = await bob.push('alice', 'hi alice');
+    const byId = await alice.push('bob', 'same thread', { conversationId: 'sd-pair' });
+    const team = await alice.push('bob', '@bob team news', { conversationId: 'sd-team' });
+    for (const { messageId } of [a, b, byId]) {
+      expect(row(dbPath, messageId)).toMatchObject({ conversation_id: 'sd-pair', group_id: null });
+    }
+    expect(row(dbPath, team.messageId)).toMatchObject({ conversation_id: 'sd-team', group_id: 'sd-team' });
+    const conversations = py(dbPath, "print(json.dumps([list(r) for r in db.execute('SELECT id, participants, message_count FROM conversations ORDER BY created_at')]))");
+    expect(conversations).toEqual([['sd-pair', '["alice","bob"]', 3], ['sd-team', '["alice","bob","carol"]', 1]]);
+    const got = await bob.poll();
+    expect(got.map((m) => [m.content, m.threadId, m.groupId])).toEqual([
+      ['hi bob', 'sd-pair', undefined], ['same thread', 'sd-pair', undefined], ['@bob team news', 'sd-team', 'sd-team'],
+    ]);
+  });
+
   it('push with conversationId and replyTo stores both; the recipient sees the thread', async () => {
     const alice = await connected('alice');
     const bob = await connected('bob');

@@ -500,14 +500,7 @@ fn insert_message(conn: &mut Connection, msg: &Outgoing) -> rusqlite::Result<Str
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let (conversation, group) = match &msg.conversation_id {
         None => {
-            let found: Option<String> = tx
-                .query_row(
-                    "SELECT id FROM conversations WHERE participants = ?1 \
-                     ORDER BY created_at, rowid LIMIT 1",
-                    [&pair],
-                    |row| row.get(0),
-                )
-                .optional()?;
+            let found = find_pair(&tx, &msg.from, &msg.to)?;
             match found {
                 Some(found) => (found, None),
                 None => {
@@ -586,16 +579,58 @@ fn participants(a: &str, b: &str) -> String {
     format!("{first},{second}")
 }
 
-/// Whether a conversation's `participants` are exactly these two agents, however another
-/// writer ordered or spaced them.
+/// Blocking. The oldest conversation whose `participants` are exactly these two agents, in
+/// either format the file holds (see [`same_members`]).
+///
+/// `participants` has no index, so any lookup scans the table; the filter only keeps SQLite
+/// from handing over rows that cannot match: a comma-separated list must contain both ids
+/// as they are, while a JSON array may spell them with escapes, so every array is checked.
+fn find_pair(conn: &Connection, a: &str, b: &str) -> rusqlite::Result<Option<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, participants FROM conversations \
+         WHERE (instr(participants, ?1) > 0 AND instr(participants, ?2) > 0) \
+            OR ltrim(participants) LIKE '[%' \
+         ORDER BY created_at, rowid",
+    )?;
+    let mut rows = stmt.query(params![a, b])?;
+    while let Some(row) = rows.next()? {
+        let members = match row.get_ref(1)? {
+            ValueRef::Text(text) => std::str::from_utf8(text).ok(),
+            _ => None,
+        };
+        if same_members(members, a, b) {
+            return row.get(0).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// Whether a conversation's `participants` are exactly these two agents (in any order, with
+/// any spacing): the cleo CLI writes the ids joined by `,`; signaldock-storage writes a JSON
+/// array of them (WIRE.md). A JSON array holding anything but strings is nobody's pair.
 fn same_members(members: Option<&str>, a: &str, b: &str) -> bool {
-    let members: BTreeSet<&str> = members
-        .unwrap_or_default()
+    let Some(members) = members else {
+        return false;
+    };
+    let pair = BTreeSet::from([a, b]);
+    // Text that is not a JSON array is a list joined by commas (even one starting with `[`:
+    // an agent id may).
+    if let Ok(Value::Array(items)) = serde_json::from_str::<Value>(members) {
+        let mut ids = BTreeSet::new();
+        for item in &items {
+            match item {
+                Value::String(id) => ids.insert(id.as_str()),
+                _ => return false,
+            };
+        }
+        return ids == pair;
+    }
+    let ids: BTreeSet<&str> = members
         .split(',')
         .map(str::trim)
         .filter(|m| !m.is_empty())
         .collect();
-    members == BTreeSet::from([a, b])
+    ids == pair
 }
 
 /// Blocking. Pending rows for `me`, mapped one by one so one bad row costs only itself.

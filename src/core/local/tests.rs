@@ -563,6 +563,132 @@ async fn explicit_conversations_are_posted_to_and_groups_marked() {
     assert_eq!(fresh, "alice,bob");
 }
 
+#[test]
+fn a_pair_is_recognised_in_the_cli_and_the_signaldock_storage_formats() {
+    for (members, same) in [
+        // The cleo CLI: the two ids sorted and joined by a comma.
+        (Some("alice,bob"), true),
+        (Some("bob,alice"), true),
+        (Some(" alice , bob "), true),
+        // signaldock-storage: a JSON array (sorted, but order does not matter).
+        (Some(r#"["alice","bob"]"#), true),
+        (Some(r#"["bob","alice"]"#), true),
+        (Some(r#" [ "alice" , "bob" ] "#), true),
+        // Groups and strangers, in both formats.
+        (Some("alice,bob,carol"), false),
+        (Some(r#"["alice","bob","carol"]"#), false),
+        (Some("alice,carol"), false),
+        (Some(r#"["alice","carol"]"#), false),
+        (Some(r#"["alice"]"#), false),
+        (Some("alice"), false),
+        (Some("[]"), false),
+        (Some(""), false),
+        (None, false),
+        // A JSON array that is not a list of ids is not these two.
+        (Some(r#"["alice",2]"#), false),
+        (Some(r#"[["alice","bob"]]"#), false),
+    ] {
+        assert_eq!(same_members(members, "alice", "bob"), same, "{members:?}");
+    }
+    // Ids that carry the other format's separators: a comma inside a JSON string, a bracket
+    // at the start of a comma-separated id.
+    assert!(same_members(Some(r#"["a,b","c"]"#), "a,b", "c"));
+    assert!(!same_members(Some(r#"["a,b","c"]"#), "a", "b"));
+    assert!(same_members(Some("[x,y"), "[x", "y"));
+    // JSON escapes are read as JSON.
+    assert!(same_members(
+        Some(r#"["al\"ice","b\u00f6b"]"#),
+        "al\"ice",
+        "böb"
+    ));
+}
+
+#[tokio::test]
+async fn direct_messages_reuse_a_conversation_signaldock_storage_made() {
+    let scratch = Scratch::new("json-pair");
+    let alice = scratch.transport("alice").await;
+    let bob = scratch.transport("bob").await;
+    scratch
+        .raw()
+        .execute_batch(
+            r#"INSERT INTO conversations (id, participants, visibility, created_at, updated_at)
+               VALUES ('sd-pair', '["alice","bob"]', 'private', 1, 1),
+                      ('sd-pair-carol', '["bob","carol"]', 'private', 2, 2),
+                      ('sd-group', '["alice","bob","carol"]', 'private', 3, 3);"#,
+        )
+        .unwrap();
+
+    let first = alice.push("bob", "hi", None, None).await.unwrap();
+    let second = bob.push("alice", "hi back", None, None).await.unwrap();
+    // Into the pair's conversation by id, too: a DM, not a group message.
+    let third = alice
+        .push("bob", "same thread", Some("sd-pair"), None)
+        .await
+        .unwrap();
+    // The three-member conversation stays a group.
+    let fourth = alice
+        .push("bob", "to the team", Some("sd-group"), None)
+        .await
+        .unwrap();
+
+    let conn = scratch.raw();
+    let placed = |id: &str| -> (String, Option<String>) {
+        conn.query_row(
+            "SELECT conversation_id, group_id FROM messages WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    };
+    for id in [&first, &second, &third] {
+        assert_eq!(placed(id), ("sd-pair".into(), None), "message {id}");
+    }
+    assert_eq!(
+        placed(&fourth),
+        ("sd-group".into(), Some("sd-group".into()))
+    );
+    let conversations: Vec<(String, i64)> = conn
+        .prepare("SELECT id, message_count FROM conversations ORDER BY created_at")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    assert_eq!(
+        conversations,
+        [
+            ("sd-pair".into(), 3),
+            ("sd-pair-carol".into(), 0),
+            ("sd-group".into(), 1)
+        ],
+        "no second conversation for the pair"
+    );
+}
+
+#[tokio::test]
+async fn the_oldest_of_the_pair_conversations_wins_whatever_its_format() {
+    let scratch = Scratch::new("pair-oldest");
+    let alice = scratch.transport("alice").await;
+    scratch
+        .raw()
+        .execute_batch(
+            r#"INSERT INTO conversations (id, participants, visibility, created_at, updated_at)
+               VALUES ('cli-newer', 'alice,bob', 'private', 20, 20),
+                      ('json-older', '["bob","alice"]', 'private', 10, 10);"#,
+        )
+        .unwrap();
+    let id = alice.push("bob", "which one?", None, None).await.unwrap();
+    let conversation: String = scratch
+        .raw()
+        .query_row(
+            "SELECT conversation_id FROM messages WHERE id = ?1",
+            [&id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(conversation, "json-older");
+}
+
 #[tokio::test]
 async fn poll_is_oldest_first_pending_mine_limited_and_since() {
     let scratch = Scratch::new("poll");
