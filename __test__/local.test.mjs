@@ -7,7 +7,7 @@ import { existsSync, mkdirSync, mkdtempSync, realpathSync, rmSync, writeFileSync
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { LocalTransport, createRuntime } from '@cleocode/runtime';
+import { HeartbeatService, LocalTransport, createRuntime } from '@cleocode/runtime';
 import { FakeRegistry, credential, sleep, waitFor } from './support/helpers.mjs';
 
 const NOT_CONNECTED = 'LocalTransport is not connected: call connect() first';
@@ -547,10 +547,39 @@ describe('LocalTransport: realtime across processes', () => {
   }, 60_000);
 });
 
+/** The `agents` columns a local beat touches or must leave alone, declared as the cleo CLI's
+ * migration declares them (the real table, the CLI's agent registry, has two dozen more). */
+const AGENTS_TABLE = `CREATE TABLE agents (
+  id TEXT PRIMARY KEY, agent_id TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
+  status TEXT NOT NULL DEFAULT 'online', last_seen INTEGER,
+  created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL)`;
+
+/** Another process (the CLI's registry) creates the agents table with rows [agentId, status, lastSeen]. */
+function registerAgents(db, ...agents) {
+  py(db, `
+db.execute(sys.argv[2])
+for i, (agent, status, seen) in enumerate(json.loads(sys.argv[3])):
+    db.execute("INSERT INTO agents (id, agent_id, name, status, last_seen, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 100, 200)",
+               ('u-%d' % i, agent, agent.title(), status, seen))
+db.commit()
+`, AGENTS_TABLE, JSON.stringify(agents));
+}
+
+/** `{ status, last_seen, updated_at }` of the agent's row, or null. */
+function agentRow(db, agentId) {
+  return py(db, `
+db.row_factory = sqlite3.Row
+r = db.execute('SELECT status, last_seen, updated_at FROM agents WHERE agent_id = ?', (sys.argv[2],)).fetchone()
+print(json.dumps(dict(r) if r else None))
+`, agentId);
+}
+
+const unixNow = () => Math.floor(Date.now() / 1000);
+
 describe('createRuntime on the local signaldock.db', () => {
   const registry = () => new FakeRegistry(credential('alice', '', 'local'));
 
-  it('resolves local from $CLEO_DIR, no heartbeat (no REST base), realtime despite pollIntervalMs 60000', async () => {
+  it('resolves local from $CLEO_DIR, with a heartbeat, realtime despite pollIntervalMs 60000', async () => {
     process.env.CLEO_DIR = join(dir, '.cleo');
     await LocalTransport.ensureSchema();
     const handle = await createRuntime(registry(), { pollIntervalMs: 60_000, maxKeyAgeMs: 0 });
@@ -559,8 +588,10 @@ describe('createRuntime on the local signaldock.db', () => {
     expect(handle.transport).toBeInstanceOf(LocalTransport);
     expect(handle.transport.dbPath).toBe(dbPath);
     expect(handle.agentId).toBe('alice');
-    // heartbeatIntervalMs was not 0, but there is no REST base to beat to.
-    expect(handle.heartbeat).toBeNull();
+    // As the old package (and `cleo agent start`, which prints "heartbeat: running"): a
+    // heartbeat unless heartbeatIntervalMs is 0, here beating into signaldock.db.
+    expect(handle.heartbeat).toBeInstanceOf(HeartbeatService);
+    expect(handle.heartbeat.status().running).toBe(true);
     expect(handle.sseConnection).toBeNull();
     const receivedAt = new Map();
     const ids = [];
@@ -588,6 +619,62 @@ describe('createRuntime on the local signaldock.db', () => {
     await sleep(700);
     expect(handle.poller.status().polls).toBe(idle);
   }, 60_000);
+
+  it('the local heartbeat records presence in signaldock.db: status online, last_seen now, updated_at untouched', async () => {
+    process.env.CLEO_DIR = join(dir, '.cleo');
+    await LocalTransport.ensureSchema();
+    registerAgents(dbPath, ['alice', 'offline', null], ['bob', 'offline', 7]);
+    const before = unixNow();
+    const handle = await createRuntime(registry(), { pollIntervalMs: 60_000, heartbeatIntervalMs: 200, maxKeyAgeMs: 0 });
+    cleanup.push(() => handle.stop());
+    expect(handle.transport.name).toBe('local');
+    await waitFor(() => agentRow(dbPath, 'alice').status === 'online', { what: 'alice online', timeoutMs: 5000, everyMs: 50 });
+    const alice = agentRow(dbPath, 'alice');
+    expect(alice.last_seen).toBeGreaterThanOrEqual(before);
+    expect(alice.last_seen).toBeLessThanOrEqual(unixNow());
+    // updated_at is the registry's credential clock, the key's age for rotation.
+    expect(alice.updated_at).toBe(200);
+    // Every interval, not once: marked offline behind the runtime's back, alice is back online.
+    py(dbPath, "db.execute(\"UPDATE agents SET status = 'offline', last_seen = 5 WHERE agent_id = 'alice'\"); db.commit()");
+    await waitFor(() => { const r = agentRow(dbPath, 'alice'); return r.status === 'online' && r.last_seen >= before; },
+      { what: 'the next beat', timeoutMs: 5000, everyMs: 50 });
+    expect(handle.heartbeat.status()).toMatchObject({ running: true, consecutiveFailures: 0 });
+    expect(handle.heartbeat.status().beats).toBeGreaterThanOrEqual(2);
+    expect(agentRow(dbPath, 'bob')).toEqual({ status: 'offline', last_seen: 7, updated_at: 200 });
+    // stop() stops the beats.
+    handle.stop();
+    expect(handle.heartbeat.status().running).toBe(false);
+    py(dbPath, "db.execute(\"UPDATE agents SET status = 'offline' WHERE agent_id = 'alice'\"); db.commit()");
+    await sleep(600);
+    expect(agentRow(dbPath, 'alice').status).toBe('offline');
+  });
+
+  it('a local beat for an agent with no row counts failures and says why; delivery goes on; 0 disables it', async () => {
+    process.env.CLEO_DIR = join(dir, '.cleo');
+    await LocalTransport.ensureSchema();
+    const handle = await createRuntime(registry(), { pollIntervalMs: 60_000, heartbeatIntervalMs: 100, maxKeyAgeMs: 0 });
+    cleanup.push(() => handle.stop());
+    await waitFor(() => handle.heartbeat.status().consecutiveFailures >= 2, { what: 'failed beats (no agents table)', timeoutMs: 5000 });
+    expect(handle.heartbeat.status().lastError).toBe(
+      `signaldock.db has no agents table (at ${dbPath}; the cleo CLI's agent registry creates it)`);
+    registerAgents(dbPath, ['bob', 'offline', 7]);
+    await waitFor(() => handle.heartbeat.status().lastError?.startsWith('agent "alice"'), { what: 'the missing-row error', timeoutMs: 5000 });
+    expect(handle.heartbeat.status().lastError).toBe(
+      `agent "alice" has no row in signaldock.db (agents table at ${dbPath}; \`cleo agent register\` adds it)`);
+    expect(handle.heartbeat.status()).toMatchObject({ running: true });
+    expect(handle.heartbeat.status().consecutiveFailures).toBeGreaterThanOrEqual(3);
+    expect(agentRow(dbPath, 'alice')).toBeNull();
+    expect(agentRow(dbPath, 'bob')).toEqual({ status: 'offline', last_seen: 7, updated_at: 200 });
+    const got = [];
+    handle.poller.onMessage((m) => { got.push(m.content); });
+    insertFromOtherProcess(dbPath, { content: 'still delivered' });
+    await waitFor(() => got.length === 1, { what: 'delivery', timeoutMs: 5000 });
+
+    const quiet = await createRuntime(new FakeRegistry(credential('bob', '', 'local')), { pollIntervalMs: 60_000, heartbeatIntervalMs: 0, maxKeyAgeMs: 0 });
+    cleanup.push(() => quiet.stop());
+    expect(quiet.transport.name).toBe('local');
+    expect(quiet.heartbeat).toBeNull();
+  });
 
   it('resolves local from <cwd>/.cleo when CLEO_DIR is unset (read at createRuntime time)', async () => {
     await LocalTransport.ensureSchema(dbPath);

@@ -96,6 +96,12 @@ pub fn default_db_path(cleo_dir: Option<&OsStr>, cwd: &Path) -> PathBuf {
 /// `conversations` and `messages` tables and the CLI's indexes on `messages` when missing.
 /// Tables and indexes already there, ours or not, are left as they are.
 ///
+/// It does not create the `agents` table, although the heartbeat writes to it: that table
+/// is the cleo CLI's agent registry (two dozen columns over three migrations, rows made by
+/// `cleo agent register`), and a partial copy made here would break the CLI's own migration
+/// of the file (its indexes name columns the copy would lack). Without it a local beat
+/// counts a failure that says so.
+///
 /// Blocking: from async code, call it inside `spawn_blocking`.
 pub fn ensure_schema(path: &Path) -> Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -268,6 +274,34 @@ impl LocalTransport {
         let ids = ids.to_vec();
         self.blocking(move |conn| mark_delivered(conn, &me, &ids))
             .await
+    }
+
+    /// Records that this agent is up, as SignalDock's heartbeat does on the server: in the
+    /// agent's row of the `agents` table (which the cleo CLI's registry keeps in this file),
+    /// `status = 'online'` and `last_seen` = now in Unix seconds. Fails, changing nothing,
+    /// when the file has no `agents` table or the table no row for this agent.
+    ///
+    /// `updated_at` is left alone, although the server's beat touches it: in this file it is
+    /// the registry's clock for the credential (`AgentCredential.updatedAt`), which key
+    /// rotation reads as the key's age, so a beat that moved it would keep the key from ever
+    /// being rotated.
+    pub async fn record_presence(&self) -> Result<()> {
+        let me = self.inner.agent_id.clone();
+        let presence = self
+            .blocking(move |conn| mark_online(conn, &me, unix_now()))
+            .await?;
+        match presence {
+            Presence::Recorded => Ok(()),
+            Presence::NoTable => Err(Error::Storage(format!(
+                "signaldock.db has no agents table (at {}; the cleo CLI's agent registry creates it)",
+                self.inner.path.display()
+            ))),
+            Presence::NoRow => Err(Error::Storage(format!(
+                "agent {:?} has no row in signaldock.db (agents table at {}; `cleo agent register` adds it)",
+                self.inner.agent_id,
+                self.inner.path.display()
+            ))),
+        }
     }
 
     /// A value that changes when another connection (another process, or another transport
@@ -783,6 +817,36 @@ fn mark_delivered(conn: &mut Connection, me: &str, ids: &[String]) -> rusqlite::
             .execute(rusqlite::params_from_iter(values))?;
     }
     tx.commit()
+}
+
+/// What a presence beat found.
+enum Presence {
+    Recorded,
+    NoTable,
+    NoRow,
+}
+
+/// Blocking. One statement, so it commits on its own, like the server's update.
+fn mark_online(conn: &mut Connection, me: &str, now: i64) -> rusqlite::Result<Presence> {
+    // Asked first rather than read from the UPDATE's error, whose text is SQLite's to change.
+    let has_agents: bool = conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'agents')",
+        )?
+        .query_row([], |row| row.get(0))?;
+    if !has_agents {
+        return Ok(Presence::NoTable);
+    }
+    // `agent_id` is the agent's public id, the one the credential carries (`id` is the row's
+    // own UUID), as the server finds the agent it beats for.
+    let changed = conn
+        .prepare_cached("UPDATE agents SET status = 'online', last_seen = ?2 WHERE agent_id = ?1")?
+        .execute(params![me, now])?;
+    Ok(if changed == 0 {
+        Presence::NoRow
+    } else {
+        Presence::Recorded
+    })
 }
 
 fn unix_now() -> i64 {

@@ -522,6 +522,8 @@ async fn build(
 
     let agent_id = credential.agent_id.clone();
     let api_base_url = credential.api_base_url.clone();
+    // A local runtime beats into signaldock.db, over the transport's connection.
+    let local_beat = parts.local.clone();
     let shared = credentials.clone();
     let sse_connect = json!({
         "agentId": credential.agent_id, "apiKey": credential.api_key, "apiBaseUrl": credential.api_base_url, "sseEndpoint": sse_endpoint,
@@ -570,8 +572,13 @@ async fn build(
                     Some((core, None))
                 }
             };
-            let heartbeat = match (heartbeat_interval, &rest) {
-                (Some(interval), Some(rest)) => {
+            let heartbeat = match (heartbeat_interval, local_beat, &rest) {
+                (Some(interval), Some(local), _) => {
+                    let heartbeat = HeartbeatCore::local(local, interval);
+                    heartbeat.start(env)?;
+                    Some(heartbeat)
+                }
+                (Some(interval), None, Some(rest)) => {
                     let heartbeat = HeartbeatCore::new(rest.clone(), interval)?;
                     heartbeat.start(env)?;
                     Some(heartbeat)

@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::*;
+use crate::core::heartbeat::Beat;
 
 /// A temporary project directory, removed when dropped.
 struct Scratch {
@@ -1161,5 +1162,190 @@ async fn push_refuses_what_poll_would_refuse() {
     assert_eq!(
         (got[0].id.as_str(), got[0].content.len()),
         (id.as_str(), MAX_CONTENT_BYTES)
+    );
+}
+
+/// The `agents` columns a local beat touches or must leave alone, declared as the cleo CLI's
+/// migration declares them (the real table has two dozen more).
+const AGENTS: &str = "CREATE TABLE agents (
+  id TEXT PRIMARY KEY, agent_id TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
+  status TEXT NOT NULL DEFAULT 'online', last_seen INTEGER,
+  created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);";
+
+type AgentRow = (String, Option<i64>, i64);
+
+/// `(status, last_seen, updated_at)` of the row whose public id is `agent`.
+fn agent_row(conn: &Connection, agent: &str) -> Option<AgentRow> {
+    conn.query_row(
+        "SELECT status, last_seen, updated_at FROM agents WHERE agent_id = ?1",
+        [agent],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .optional()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_local_beat_marks_the_agent_online_now_and_leaves_the_key_age_alone() {
+    let scratch = Scratch::new("presence");
+    let alice = scratch.transport("alice").await;
+    scratch
+        .raw()
+        .execute_batch(&format!(
+            "{AGENTS}
+             INSERT INTO agents VALUES ('u-alice', 'alice', 'Alice', 'offline', NULL, 100, 200);
+             INSERT INTO agents VALUES ('u-bob', 'bob', 'Bob', 'offline', 7, 100, 200);
+             -- A row whose own id is 'alice' but whose agent is carol: not alice's row.
+             INSERT INTO agents VALUES ('alice', 'carol', 'Carol', 'busy', 7, 100, 200);"
+        ))
+        .unwrap();
+
+    let before = unix_now();
+    alice.record_presence().await.unwrap();
+    let (status, last_seen, updated_at) = agent_row(&scratch.raw(), "alice").unwrap();
+    assert_eq!(status, "online");
+    assert!(
+        last_seen.is_some_and(|t| (before..=unix_now()).contains(&t)),
+        "{last_seen:?}"
+    );
+    assert_eq!(
+        updated_at, 200,
+        "updated_at is the registry's key-age clock"
+    );
+
+    // Through the heartbeat's seam, again.
+    scratch
+        .raw()
+        .execute(
+            "UPDATE agents SET status = 'offline', last_seen = 5 WHERE agent_id = 'alice'",
+            [],
+        )
+        .unwrap();
+    Beat::beat(&alice).await.unwrap();
+    let (status, last_seen, _) = agent_row(&scratch.raw(), "alice").unwrap();
+    assert_eq!(status, "online");
+    assert!(last_seen.is_some_and(|t| t >= before), "{last_seen:?}");
+
+    let conn = scratch.raw();
+    assert_eq!(
+        agent_row(&conn, "bob"),
+        Some(("offline".into(), Some(7), 200))
+    );
+    assert_eq!(
+        agent_row(&conn, "carol"),
+        Some(("busy".into(), Some(7), 200))
+    );
+}
+
+#[tokio::test]
+async fn a_local_beat_without_the_table_or_the_row_fails_and_changes_nothing() {
+    let scratch = Scratch::new("presence-missing");
+    let alice = scratch.transport("alice").await;
+    let path = scratch.db().display().to_string();
+
+    let err = alice.record_presence().await.unwrap_err();
+    assert_eq!(
+        err,
+        Error::Storage(format!(
+            "signaldock.db has no agents table (at {path}; the cleo CLI's agent registry creates it)"
+        ))
+    );
+    scratch
+        .raw()
+        .execute_batch(&format!(
+            "{AGENTS} INSERT INTO agents VALUES ('u-bob', 'bob', 'Bob', 'offline', 7, 100, 200);"
+        ))
+        .unwrap();
+    let err = alice.record_presence().await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "agent \"alice\" has no row in signaldock.db (agents table at {path}; `cleo agent register` adds it)"
+        )
+    );
+    let conn = scratch.raw();
+    assert_eq!(
+        agent_row(&conn, "alice"),
+        None,
+        "a beat never creates a row"
+    );
+    assert_eq!(
+        agent_row(&conn, "bob"),
+        Some(("offline".into(), Some(7), 200))
+    );
+
+    alice.disconnect().await;
+    assert!(matches!(
+        alice.record_presence().await,
+        Err(Error::NotConnected(_))
+    ));
+}
+
+/// Polls `check` every 20 ms until it holds, for at most 10 s.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_heartbeat_service_beats_into_the_file_and_counts_a_missing_row() {
+    use crate::core::heartbeat::Heartbeat;
+
+    let scratch = Scratch::new("presence-service");
+    let alice = scratch.transport("alice").await;
+    scratch.raw().execute_batch(AGENTS).unwrap();
+    let heartbeat = Heartbeat::new(Arc::new(alice.clone()), Duration::from_millis(50));
+    assert!(heartbeat.start());
+
+    eventually("two failed beats", || {
+        heartbeat.status().consecutive_failures >= 2
+    })
+    .await;
+    let status = heartbeat.status();
+    assert!(status.running);
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("agent \"alice\" has no row in signaldock.db")),
+        "{status:?}"
+    );
+
+    // `cleo agent register` adds the row: the next beat records presence and the count resets.
+    let before = unix_now();
+    scratch
+        .raw()
+        .execute(
+            "INSERT INTO agents VALUES ('u-alice', 'alice', 'Alice', 'offline', NULL, 100, 200)",
+            [],
+        )
+        .unwrap();
+    eventually("a beat recorded", || {
+        agent_row(&scratch.raw(), "alice")
+            .is_some_and(|(status, seen, _)| status == "online" && seen >= Some(before))
+    })
+    .await;
+    eventually("the failure count reset", || {
+        heartbeat.status().consecutive_failures == 0
+    })
+    .await;
+
+    heartbeat.stop();
+    assert!(!heartbeat.status().running);
+    scratch
+        .raw()
+        .execute(
+            "UPDATE agents SET status = 'offline' WHERE agent_id = 'alice'",
+            [],
+        )
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        agent_row(&scratch.raw(), "alice").map(|r| r.0),
+        Some("offline".into()),
+        "no beat after stop"
     );
 }
