@@ -161,7 +161,8 @@ export interface RuntimeConfig {
 export interface RuntimeHandle {
   /** The poller: register the handler with `poller.onMessage`. */
   poller: AgentPoller;
-  /** The heartbeat, or null when disabled. */
+  /** The heartbeat (REST; into signaldock.db for a local runtime), or null when disabled or
+   * when a transport of your own has no http(s) base URL to beat to. */
   heartbeat: HeartbeatService | null;
   /** Key rotation, or null when disabled. */
   keyRotation: KeyRotationService | null;
@@ -281,7 +282,8 @@ export interface HeartbeatStatus {
   lastError?: string;
 }
 
-/** Reports presence with `POST /agents/{id}/heartbeat`. */
+/** Reports presence with `POST /agents/{id}/heartbeat` (a local runtime's heartbeat writes the
+ * agent's row of signaldock.db instead). */
 export declare class HeartbeatService {
   constructor(config: HeartbeatConfig);
   /** One beat now, then one per interval; resets the failure count. Idempotent. */
@@ -411,8 +413,8 @@ export declare class LocalTransport implements Transport {
   readonly name: 'local';
   /** The database file this transport uses. */
   readonly dbPath: string;
-  /** Creates the file and the `conversations` and `messages` tables when missing (never
-   * touching other tables); resolves with the path. */
+  /** Creates the file, the `conversations` and `messages` tables and the cleo CLI's indexes on
+   * `messages` when missing (never touching other tables); resolves with the path. */
   static ensureSchema(dbPath?: string): Promise<string>;
   connect(config: TransportConnectConfig): Promise<void>;
   disconnect(): Promise<void>;

@@ -7,7 +7,7 @@ import { existsSync, mkdirSync, mkdtempSync, realpathSync, rmSync, writeFileSync
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { LocalTransport, createRuntime } from '@cleocode/runtime';
+import { HeartbeatService, LocalTransport, createRuntime } from '@cleocode/runtime';
 import { FakeRegistry, credential, sleep, waitFor } from './support/helpers.mjs';
 
 const NOT_CONNECTED = 'LocalTransport is not connected: call connect() first';
@@ -139,6 +139,22 @@ const WIRE_COLUMNS = {
   ],
 };
 
+/** The indexes on `messages` of the cleo CLI's signaldock.db (signaldock-storage's
+ * `2026-03-28-000000_initial` migration), as SQLite keeps them: [name, table, sql]. */
+const REAL_INDEXES = [
+  ['idx_messages_group_id', 'messages', 'CREATE INDEX idx_messages_group_id ON messages(group_id) WHERE group_id IS NOT NULL'],
+  ['idx_messages_reply_to', 'messages', 'CREATE INDEX idx_messages_reply_to ON messages(reply_to) WHERE reply_to IS NOT NULL'],
+  ['messages_conversation_idx', 'messages', 'CREATE INDEX messages_conversation_idx ON messages(conversation_id)'],
+  ['messages_created_at_idx', 'messages', 'CREATE INDEX messages_created_at_idx ON messages(created_at)'],
+  ['messages_from_agent_idx', 'messages', 'CREATE INDEX messages_from_agent_idx ON messages(from_agent_id)'],
+  ['messages_to_agent_idx', 'messages', 'CREATE INDEX messages_to_agent_idx ON messages(to_agent_id)'],
+];
+
+/** Every index with a definition (not SQLite's own primary-key ones), by name. */
+function indexes(db) {
+  return py(db, `print(json.dumps([list(r) for r in db.execute("SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL ORDER BY name")]))`);
+}
+
 describe('LocalTransport.ensureSchema', () => {
   it('creates the file, its directory and exactly the two tables of WIRE.md, in WAL mode', async () => {
     expect(existsSync(dbPath)).toBe(false);
@@ -155,6 +171,32 @@ print(json.dumps({'tables': tables, 'cols': cols, 'fks': fks, 'mode': mode}))
     expect(info.cols).toEqual(WIRE_COLUMNS);
     expect(info.fks).toEqual([['conversations', 'conversation_id', 'id']]);
     expect(info.mode).toBe('wal');
+    expect(indexes(dbPath)).toEqual(REAL_INDEXES);
+  });
+
+  it('adds the real indexes to tables an earlier ensureSchema made without them; idempotent; nothing else', async () => {
+    mkdirSync(join(dir, '.cleo'));
+    // The two tables as WIRE.md gives them, no index; a row; somebody else's table and index.
+    py(dbPath, `
+db.executescript("""
+CREATE TABLE conversations (id TEXT PRIMARY KEY, participants TEXT NOT NULL, visibility TEXT NOT NULL DEFAULT 'private',
+  message_count INTEGER NOT NULL DEFAULT 0, last_message_at INTEGER, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+CREATE TABLE messages (id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL REFERENCES conversations(id),
+  from_agent_id TEXT NOT NULL, to_agent_id TEXT NOT NULL, content TEXT NOT NULL, content_type TEXT NOT NULL DEFAULT 'text',
+  status TEXT NOT NULL DEFAULT 'pending', attachments TEXT NOT NULL DEFAULT '[]', group_id TEXT, metadata TEXT DEFAULT '{}',
+  reply_to TEXT, created_at INTEGER NOT NULL, delivered_at INTEGER, read_at INTEGER);
+CREATE TABLE agents (id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, status TEXT);
+CREATE INDEX agents_by_status ON agents(status);
+INSERT INTO conversations VALUES ('c1', 'alice,bob', 'private', 1, 1, 1, 1);
+INSERT INTO messages (id, conversation_id, from_agent_id, to_agent_id, content, created_at) VALUES ('m1', 'c1', 'bob', 'alice', 'kept', 1);
+""")
+`);
+    const agentsIndex = ['agents_by_status', 'agents', 'CREATE INDEX agents_by_status ON agents(status)'];
+    expect(indexes(dbPath)).toEqual([agentsIndex]);
+    await LocalTransport.ensureSchema(dbPath);
+    await LocalTransport.ensureSchema(dbPath);
+    expect(indexes(dbPath)).toEqual([agentsIndex, ...REAL_INDEXES]);
+    expect(row(dbPath, 'm1')).toMatchObject({ content: 'kept', status: 'pending' });
   });
 
   it('leaves a pre-existing unrelated table (schema, rows, index) exactly as it was', async () => {
@@ -313,6 +355,31 @@ print(json.dumps([dict(r) for r in db.execute('SELECT * FROM conversations')]))
     const z = await zed.push('amy', 'sorted?');
     const conv = row(dbPath, z.messageId).conversation_id;
     expect(py(dbPath, "print(json.dumps(db.execute('SELECT participants FROM conversations WHERE id = ?', (sys.argv[2],)).fetchone()[0]))", conv)).toBe('amy,zed');
+  });
+
+  it('reuses a DM conversation signaldock-storage made (participants a JSON array), in either direction and by id', async () => {
+    py(dbPath, `
+db.execute("""INSERT INTO conversations (id, participants, visibility, message_count, created_at, updated_at) VALUES
+  ('sd-pair', '["alice","bob"]', 'private', 0, 1, 1),
+  ('sd-team', '["alice","bob","carol"]', 'private', 0, 2, 2)""")
+db.commit()
+`);
+    const alice = await connected('alice');
+    const bob = await connected('bob');
+    const a = await alice.push('bob', 'hi bob');
+    const b = await bob.push('alice', 'hi alice');
+    const byId = await alice.push('bob', 'same thread', { conversationId: 'sd-pair' });
+    const team = await alice.push('bob', '@bob team news', { conversationId: 'sd-team' });
+    for (const { messageId } of [a, b, byId]) {
+      expect(row(dbPath, messageId)).toMatchObject({ conversation_id: 'sd-pair', group_id: null });
+    }
+    expect(row(dbPath, team.messageId)).toMatchObject({ conversation_id: 'sd-team', group_id: 'sd-team' });
+    const conversations = py(dbPath, "print(json.dumps([list(r) for r in db.execute('SELECT id, participants, message_count FROM conversations ORDER BY created_at')]))");
+    expect(conversations).toEqual([['sd-pair', '["alice","bob"]', 3], ['sd-team', '["alice","bob","carol"]', 1]]);
+    const got = await bob.poll();
+    expect(got.map((m) => [m.content, m.threadId, m.groupId])).toEqual([
+      ['hi bob', 'sd-pair', undefined], ['same thread', 'sd-pair', undefined], ['@bob team news', 'sd-team', 'sd-team'],
+    ]);
   });
 
   it('push with conversationId and replyTo stores both; the recipient sees the thread', async () => {
@@ -480,10 +547,39 @@ describe('LocalTransport: realtime across processes', () => {
   }, 60_000);
 });
 
+/** The `agents` columns a local beat touches or must leave alone, declared as the cleo CLI's
+ * migration declares them (the real table, the CLI's agent registry, has two dozen more). */
+const AGENTS_TABLE = `CREATE TABLE agents (
+  id TEXT PRIMARY KEY, agent_id TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
+  status TEXT NOT NULL DEFAULT 'online', last_seen INTEGER,
+  created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL)`;
+
+/** Another process (the CLI's registry) creates the agents table with rows [agentId, status, lastSeen]. */
+function registerAgents(db, ...agents) {
+  py(db, `
+db.execute(sys.argv[2])
+for i, (agent, status, seen) in enumerate(json.loads(sys.argv[3])):
+    db.execute("INSERT INTO agents (id, agent_id, name, status, last_seen, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 100, 200)",
+               ('u-%d' % i, agent, agent.title(), status, seen))
+db.commit()
+`, AGENTS_TABLE, JSON.stringify(agents));
+}
+
+/** `{ status, last_seen, updated_at }` of the agent's row, or null. */
+function agentRow(db, agentId) {
+  return py(db, `
+db.row_factory = sqlite3.Row
+r = db.execute('SELECT status, last_seen, updated_at FROM agents WHERE agent_id = ?', (sys.argv[2],)).fetchone()
+print(json.dumps(dict(r) if r else None))
+`, agentId);
+}
+
+const unixNow = () => Math.floor(Date.now() / 1000);
+
 describe('createRuntime on the local signaldock.db', () => {
   const registry = () => new FakeRegistry(credential('alice', '', 'local'));
 
-  it('resolves local from $CLEO_DIR, no heartbeat (no REST base), realtime despite pollIntervalMs 60000', async () => {
+  it('resolves local from $CLEO_DIR, with a heartbeat, realtime despite pollIntervalMs 60000', async () => {
     process.env.CLEO_DIR = join(dir, '.cleo');
     await LocalTransport.ensureSchema();
     const handle = await createRuntime(registry(), { pollIntervalMs: 60_000, maxKeyAgeMs: 0 });
@@ -492,8 +588,10 @@ describe('createRuntime on the local signaldock.db', () => {
     expect(handle.transport).toBeInstanceOf(LocalTransport);
     expect(handle.transport.dbPath).toBe(dbPath);
     expect(handle.agentId).toBe('alice');
-    // heartbeatIntervalMs was not 0, but there is no REST base to beat to.
-    expect(handle.heartbeat).toBeNull();
+    // As the old package (and `cleo agent start`, which prints "heartbeat: running"): a
+    // heartbeat unless heartbeatIntervalMs is 0, here beating into signaldock.db.
+    expect(handle.heartbeat).toBeInstanceOf(HeartbeatService);
+    expect(handle.heartbeat.status().running).toBe(true);
     expect(handle.sseConnection).toBeNull();
     const receivedAt = new Map();
     const ids = [];
@@ -521,6 +619,62 @@ describe('createRuntime on the local signaldock.db', () => {
     await sleep(700);
     expect(handle.poller.status().polls).toBe(idle);
   }, 60_000);
+
+  it('the local heartbeat records presence in signaldock.db: status online, last_seen now, updated_at untouched', async () => {
+    process.env.CLEO_DIR = join(dir, '.cleo');
+    await LocalTransport.ensureSchema();
+    registerAgents(dbPath, ['alice', 'offline', null], ['bob', 'offline', 7]);
+    const before = unixNow();
+    const handle = await createRuntime(registry(), { pollIntervalMs: 60_000, heartbeatIntervalMs: 200, maxKeyAgeMs: 0 });
+    cleanup.push(() => handle.stop());
+    expect(handle.transport.name).toBe('local');
+    await waitFor(() => agentRow(dbPath, 'alice').status === 'online', { what: 'alice online', timeoutMs: 5000, everyMs: 50 });
+    const alice = agentRow(dbPath, 'alice');
+    expect(alice.last_seen).toBeGreaterThanOrEqual(before);
+    expect(alice.last_seen).toBeLessThanOrEqual(unixNow());
+    // updated_at is the registry's credential clock, the key's age for rotation.
+    expect(alice.updated_at).toBe(200);
+    // Every interval, not once: marked offline behind the runtime's back, alice is back online.
+    py(dbPath, "db.execute(\"UPDATE agents SET status = 'offline', last_seen = 5 WHERE agent_id = 'alice'\"); db.commit()");
+    await waitFor(() => { const r = agentRow(dbPath, 'alice'); return r.status === 'online' && r.last_seen >= before; },
+      { what: 'the next beat', timeoutMs: 5000, everyMs: 50 });
+    expect(handle.heartbeat.status()).toMatchObject({ running: true, consecutiveFailures: 0 });
+    expect(handle.heartbeat.status().beats).toBeGreaterThanOrEqual(2);
+    expect(agentRow(dbPath, 'bob')).toEqual({ status: 'offline', last_seen: 7, updated_at: 200 });
+    // stop() stops the beats.
+    handle.stop();
+    expect(handle.heartbeat.status().running).toBe(false);
+    py(dbPath, "db.execute(\"UPDATE agents SET status = 'offline' WHERE agent_id = 'alice'\"); db.commit()");
+    await sleep(600);
+    expect(agentRow(dbPath, 'alice').status).toBe('offline');
+  });
+
+  it('a local beat for an agent with no row counts failures and says why; delivery goes on; 0 disables it', async () => {
+    process.env.CLEO_DIR = join(dir, '.cleo');
+    await LocalTransport.ensureSchema();
+    const handle = await createRuntime(registry(), { pollIntervalMs: 60_000, heartbeatIntervalMs: 100, maxKeyAgeMs: 0 });
+    cleanup.push(() => handle.stop());
+    await waitFor(() => handle.heartbeat.status().consecutiveFailures >= 2, { what: 'failed beats (no agents table)', timeoutMs: 5000 });
+    expect(handle.heartbeat.status().lastError).toBe(
+      `signaldock.db has no agents table (at ${dbPath}; the cleo CLI's agent registry creates it)`);
+    registerAgents(dbPath, ['bob', 'offline', 7]);
+    await waitFor(() => handle.heartbeat.status().lastError?.startsWith('agent "alice"'), { what: 'the missing-row error', timeoutMs: 5000 });
+    expect(handle.heartbeat.status().lastError).toBe(
+      `agent "alice" has no row in signaldock.db (agents table at ${dbPath}; \`cleo agent register\` adds it)`);
+    expect(handle.heartbeat.status()).toMatchObject({ running: true });
+    expect(handle.heartbeat.status().consecutiveFailures).toBeGreaterThanOrEqual(3);
+    expect(agentRow(dbPath, 'alice')).toBeNull();
+    expect(agentRow(dbPath, 'bob')).toEqual({ status: 'offline', last_seen: 7, updated_at: 200 });
+    const got = [];
+    handle.poller.onMessage((m) => { got.push(m.content); });
+    insertFromOtherProcess(dbPath, { content: 'still delivered' });
+    await waitFor(() => got.length === 1, { what: 'delivery', timeoutMs: 5000 });
+
+    const quiet = await createRuntime(new FakeRegistry(credential('bob', '', 'local')), { pollIntervalMs: 60_000, heartbeatIntervalMs: 0, maxKeyAgeMs: 0 });
+    cleanup.push(() => quiet.stop());
+    expect(quiet.transport.name).toBe('local');
+    expect(quiet.heartbeat).toBeNull();
+  });
 
   it('resolves local from <cwd>/.cleo when CLEO_DIR is unset (read at createRuntime time)', async () => {
     await LocalTransport.ensureSchema(dbPath);

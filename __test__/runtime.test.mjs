@@ -1,7 +1,7 @@
 // createRuntime, HeartbeatService and KeyRotationService through the package entry, with
 // JS fake registries and transports and the project's SignalDock test server.
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { HeartbeatService, KeyRotationService, createRuntime } from '@cleocode/runtime';
+import { HeartbeatService, KeyRotationService, SseTransport, createRuntime } from '@cleocode/runtime';
 import { startSignalDock } from '../testing/signaldock-server.mjs';
 import { FakeRegistry, FakeTransport, credential, message, sleep, waitFor } from './support/helpers.mjs';
 
@@ -117,6 +117,46 @@ describe('createRuntime', () => {
     slow.poller.onMessage(() => {});
     await sleep(1000);
     expect(sd.requests.filter((r) => r.path === '/messages/peek').length).toBe(1);
+  });
+
+  it("with createSseTransport and an SSE endpoint the transport is 'sse', as the old package's was; the factory's transport delivers", async () => {
+    /** A caller's SSE transport: records its subscriber, pushes what the test hands it. */
+    class CallerSse {
+      name = 'caller-sse';
+      handler = null;
+      async connect() {}
+      async disconnect() {}
+      async push() { return { messageId: 'unused' }; }
+      async poll() { return []; }
+      async ack() {}
+      subscribe(handler) { this.handler = handler; return () => { this.handler = null; }; }
+    }
+    const endpoint = `${sd.url}/messages/stream`;
+    const quiet = { pollIntervalMs: 60_000, heartbeatIntervalMs: 0, maxKeyAgeMs: 0 };
+    for (const [where, cred, config] of [
+      ['the credential', credential('alice', 'key-a', sd.url, { transportConfig: { sseEndpoint: endpoint } }), {}],
+      ['config.sseEndpoint', credential('alice', 'key-a', sd.url), { sseEndpoint: endpoint }],
+    ]) {
+      const caller = new CallerSse();
+      const handle = await runtime(new FakeRegistry(cred), { ...quiet, ...config, createSseTransport: () => caller });
+      // `cleo agent start` prints handle.transport.name.
+      expect(handle.transport.name, where).toBe('sse');
+      expect(handle.transport).toBeInstanceOf(SseTransport);
+      expect(handle.sseConnection.status()).toMatchObject({ running: true, transportName: 'caller-sse' });
+      await waitFor(() => caller.handler !== null, { what: `the factory's transport subscribed (${where})` });
+      const got = [];
+      handle.poller.onMessage((m) => { got.push(m.id); });
+      caller.handler(message({ id: `pushed-${where}` }));
+      await waitFor(() => got.length === 1, { what: `delivery through the factory's transport (${where})` });
+      expect(got).toEqual([`pushed-${where}`]);
+      // The stream is the factory's: the runtime's own transport opened none.
+      expect(sd.streams()).toBe(0);
+      expect(handle.transport.status().state).toBe('closed');
+      // handle.transport sends over REST.
+      const { messageId } = await handle.transport.push('bob', `hello from ${where}`);
+      expect(sd.pending('bob').map((r) => [r.id, r.content])).toContainEqual([messageId, `hello from ${where}`]);
+      handle.stop();
+    }
   });
 
   it('heartbeat and key rotation are null when set to 0', async () => {

@@ -869,7 +869,8 @@ describe('createRuntime with SSE', () => {
         ...quiet, pollIntervalMs: 300, sseEndpoint: `${sd.url}/messages/stream`, createSseTransport: () => { made += 1; return sse; },
       });
       expect(made).toBe(1);
-      expect(handle.transport.name).toBe('http');
+      // The runtime's own SSE transport, as in the old package (the CLI prints the name).
+      expect(handle.transport.name).toBe('sse');
       expect(handle.sseConnection).toBeInstanceOf(SseConnectionService);
       await waitFor(() => sse.subscribers === 1, { what: 'subscribed' });
       expect(sse.names()).toEqual(['connect', 'subscribe']);

@@ -514,7 +514,9 @@ describe('transport resolution in createRuntime', () => {
     expect(handle.transport.name).toBe('local');
     expect(handle.transport).toBeInstanceOf(LocalTransport);
     expect(handle.transport.dbPath).toBe(path);
-    expect(handle.heartbeat).toBeNull();
+    // A heartbeat as for any runtime, beating into signaldock.db (local.test.mjs has the rest).
+    expect(handle.heartbeat).not.toBeNull();
+    expect(handle.heartbeat.status().running).toBe(true);
     handle.stop();
     await waitFor(async () => (await handle.transport.poll().then(() => null, (e) => e.message)) === LOCAL_NOT_CONNECTED, { timeoutMs: 5000, what: 'disconnected' });
   });

@@ -89,10 +89,13 @@ async function localPart() {
     registry.add('alice', 'local-key-a', 'local');
     registry.add('bob', 'local-key-b', 'local');
     // A long poll interval on purpose: delivery rides on SQLite's commit watcher, not polling.
-    const config = { pollIntervalMs: 30_000, maxKeyAgeMs: 0 };
+    // No heartbeat: a local one records presence in the agent's row of signaldock.db's agents
+    // table, which the cleo CLI's registry writes; this in-memory registry writes none, so
+    // every beat would fail (and say so).
+    const config = { pollIntervalMs: 30_000, heartbeatIntervalMs: 0, maxKeyAgeMs: 0 };
     const alice = await createRuntime(registry, { ...config, agentId: 'alice' });
     const bob = await createRuntime(registry, { ...config, agentId: 'bob' });
-    log(`  runtimes up: alice over '${alice.transport.name}', bob over '${bob.transport.name}', heartbeat ${alice.heartbeat ? 'running' : 'disabled (no REST base)'}`);
+    log(`  runtimes up: alice over '${alice.transport.name}', bob over '${bob.transport.name}', heartbeat ${alice.heartbeat ? 'running' : 'off (no agents rows in this demo)'}`);
     const latencies = await exchange('local', alice, bob);
     alice.stop();
     bob.stop();

@@ -1,6 +1,8 @@
-//! Presence: `POST /agents/{id}/heartbeat` at once and then every interval.
+//! Presence, at once and then every interval: `POST /agents/{id}/heartbeat` to SignalDock,
+//! or, for an agent on the local SignalDock, the same record written into `signaldock.db`
+//! (see [`LocalTransport::record_presence`]). One service, two [`Beat`]s.
 //!
-//! The schedule is fixed (ticks do not drift with request time). A 2xx resets
+//! The schedule is fixed (ticks do not drift with request time). A beat that succeeds resets
 //! `consecutiveFailures`; anything else adds one. A 429 with `Retry-After` skips the beats
 //! that fall inside the wait.
 
@@ -14,6 +16,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::error::Result;
+use super::local::LocalTransport;
 use super::signaldock::SignalDock;
 use super::sync::lock;
 use super::task::RunningTask;
@@ -21,7 +24,8 @@ use super::task::RunningTask;
 /// The default interval (API.md).
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 
-/// Sends one beat. [`SignalDock`] is the real one; tests count calls.
+/// Sends one beat. [`SignalDock`] beats over REST, [`LocalTransport`] into `signaldock.db`;
+/// tests count calls.
 pub trait Beat: Send + Sync {
     fn beat(&self) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>>;
 }
@@ -29,6 +33,12 @@ pub trait Beat: Send + Sync {
 impl Beat for SignalDock {
     fn beat(&self) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>> {
         Box::pin(self.heartbeat())
+    }
+}
+
+impl Beat for LocalTransport {
+    fn beat(&self) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>> {
+        Box::pin(self.record_presence())
     }
 }
 

@@ -66,6 +66,19 @@ CREATE TABLE IF NOT EXISTS messages (
   reply_to TEXT, created_at INTEGER NOT NULL, delivered_at INTEGER, read_at INTEGER);
 ";
 
+/// The indexes the cleo CLI's migration puts on `messages` (signaldock-storage
+/// `2026-03-28-000000_initial`), word for word: a file we create performs like one the CLI
+/// made (the poll reads by `to_agent_id`), and when the CLI later migrates the file its own
+/// `CREATE INDEX IF NOT EXISTS` finds the same index under the same name.
+const MESSAGE_INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS messages_conversation_idx ON messages(conversation_id);
+CREATE INDEX IF NOT EXISTS messages_from_agent_idx ON messages(from_agent_id);
+CREATE INDEX IF NOT EXISTS messages_to_agent_idx ON messages(to_agent_id);
+CREATE INDEX IF NOT EXISTS messages_created_at_idx ON messages(created_at);
+CREATE INDEX IF NOT EXISTS idx_messages_group_id ON messages(group_id) WHERE group_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS idx_messages_reply_to ON messages(reply_to) WHERE reply_to IS NOT NULL;
+";
+
 /// Where `signaldock.db` lives: in `cleo_dir` (the `CLEO_DIR` environment value) when it is
 /// set and non-empty, else in `<cwd>/.cleo`.
 ///
@@ -80,8 +93,14 @@ pub fn default_db_path(cleo_dir: Option<&OsStr>, cwd: &Path) -> PathBuf {
 }
 
 /// Creates `path` (and its directory) when missing, puts it in WAL mode, and creates the
-/// `conversations` and `messages` tables when missing. Tables already there, ours or not,
-/// are left as they are.
+/// `conversations` and `messages` tables and the CLI's indexes on `messages` when missing.
+/// Tables and indexes already there, ours or not, are left as they are.
+///
+/// It does not create the `agents` table, although the heartbeat writes to it: that table
+/// is the cleo CLI's agent registry (two dozen columns over three migrations, rows made by
+/// `cleo agent register`), and a partial copy made here would break the CLI's own migration
+/// of the file (its indexes name columns the copy would lack). Without it a local beat
+/// counts a failure that says so.
 ///
 /// Blocking: from async code, call it inside `spawn_blocking`.
 pub fn ensure_schema(path: &Path) -> Result<()> {
@@ -99,6 +118,7 @@ pub fn ensure_schema(path: &Path) -> Result<()> {
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(storage)?;
     tx.execute_batch(SCHEMA).map_err(storage)?;
+    tx.execute_batch(MESSAGE_INDEXES).map_err(storage)?;
     tx.commit().map_err(storage)
 }
 
@@ -254,6 +274,34 @@ impl LocalTransport {
         let ids = ids.to_vec();
         self.blocking(move |conn| mark_delivered(conn, &me, &ids))
             .await
+    }
+
+    /// Records that this agent is up, as SignalDock's heartbeat does on the server: in the
+    /// agent's row of the `agents` table (which the cleo CLI's registry keeps in this file),
+    /// `status = 'online'` and `last_seen` = now in Unix seconds. Fails, changing nothing,
+    /// when the file has no `agents` table or the table no row for this agent.
+    ///
+    /// `updated_at` is left alone, although the server's beat touches it: in this file it is
+    /// the registry's clock for the credential (`AgentCredential.updatedAt`), which key
+    /// rotation reads as the key's age, so a beat that moved it would keep the key from ever
+    /// being rotated.
+    pub async fn record_presence(&self) -> Result<()> {
+        let me = self.inner.agent_id.clone();
+        let presence = self
+            .blocking(move |conn| mark_online(conn, &me, unix_now()))
+            .await?;
+        match presence {
+            Presence::Recorded => Ok(()),
+            Presence::NoTable => Err(Error::Storage(format!(
+                "signaldock.db has no agents table (at {}; the cleo CLI's agent registry creates it)",
+                self.inner.path.display()
+            ))),
+            Presence::NoRow => Err(Error::Storage(format!(
+                "agent {:?} has no row in signaldock.db (agents table at {}; `cleo agent register` adds it)",
+                self.inner.agent_id,
+                self.inner.path.display()
+            ))),
+        }
     }
 
     /// A value that changes when another connection (another process, or another transport
@@ -486,14 +534,7 @@ fn insert_message(conn: &mut Connection, msg: &Outgoing) -> rusqlite::Result<Str
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let (conversation, group) = match &msg.conversation_id {
         None => {
-            let found: Option<String> = tx
-                .query_row(
-                    "SELECT id FROM conversations WHERE participants = ?1 \
-                     ORDER BY created_at, rowid LIMIT 1",
-                    [&pair],
-                    |row| row.get(0),
-                )
-                .optional()?;
+            let found = find_pair(&tx, &msg.from, &msg.to)?;
             match found {
                 Some(found) => (found, None),
                 None => {
@@ -572,16 +613,58 @@ fn participants(a: &str, b: &str) -> String {
     format!("{first},{second}")
 }
 
-/// Whether a conversation's `participants` are exactly these two agents, however another
-/// writer ordered or spaced them.
+/// Blocking. The oldest conversation whose `participants` are exactly these two agents, in
+/// either format the file holds (see [`same_members`]).
+///
+/// `participants` has no index, so any lookup scans the table; the filter only keeps SQLite
+/// from handing over rows that cannot match: a comma-separated list must contain both ids
+/// as they are, while a JSON array may spell them with escapes, so every array is checked.
+fn find_pair(conn: &Connection, a: &str, b: &str) -> rusqlite::Result<Option<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, participants FROM conversations \
+         WHERE (instr(participants, ?1) > 0 AND instr(participants, ?2) > 0) \
+            OR ltrim(participants) LIKE '[%' \
+         ORDER BY created_at, rowid",
+    )?;
+    let mut rows = stmt.query(params![a, b])?;
+    while let Some(row) = rows.next()? {
+        let members = match row.get_ref(1)? {
+            ValueRef::Text(text) => std::str::from_utf8(text).ok(),
+            _ => None,
+        };
+        if same_members(members, a, b) {
+            return row.get(0).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// Whether a conversation's `participants` are exactly these two agents (in any order, with
+/// any spacing): the cleo CLI writes the ids joined by `,`; signaldock-storage writes a JSON
+/// array of them (WIRE.md). A JSON array holding anything but strings is nobody's pair.
 fn same_members(members: Option<&str>, a: &str, b: &str) -> bool {
-    let members: BTreeSet<&str> = members
-        .unwrap_or_default()
+    let Some(members) = members else {
+        return false;
+    };
+    let pair = BTreeSet::from([a, b]);
+    // Text that is not a JSON array is a list joined by commas (even one starting with `[`:
+    // an agent id may).
+    if let Ok(Value::Array(items)) = serde_json::from_str::<Value>(members) {
+        let mut ids = BTreeSet::new();
+        for item in &items {
+            match item {
+                Value::String(id) => ids.insert(id.as_str()),
+                _ => return false,
+            };
+        }
+        return ids == pair;
+    }
+    let ids: BTreeSet<&str> = members
         .split(',')
         .map(str::trim)
         .filter(|m| !m.is_empty())
         .collect();
-    members == BTreeSet::from([a, b])
+    ids == pair
 }
 
 /// Blocking. Pending rows for `me`, mapped one by one so one bad row costs only itself.
@@ -734,6 +817,36 @@ fn mark_delivered(conn: &mut Connection, me: &str, ids: &[String]) -> rusqlite::
             .execute(rusqlite::params_from_iter(values))?;
     }
     tx.commit()
+}
+
+/// What a presence beat found.
+enum Presence {
+    Recorded,
+    NoTable,
+    NoRow,
+}
+
+/// Blocking. One statement, so it commits on its own, like the server's update.
+fn mark_online(conn: &mut Connection, me: &str, now: i64) -> rusqlite::Result<Presence> {
+    // Asked first rather than read from the UPDATE's error, whose text is SQLite's to change.
+    let has_agents: bool = conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'agents')",
+        )?
+        .query_row([], |row| row.get(0))?;
+    if !has_agents {
+        return Ok(Presence::NoTable);
+    }
+    // `agent_id` is the agent's public id, the one the credential carries (`id` is the row's
+    // own UUID), as the server finds the agent it beats for.
+    let changed = conn
+        .prepare_cached("UPDATE agents SET status = 'online', last_seen = ?2 WHERE agent_id = ?1")?
+        .execute(params![me, now])?;
+    Ok(if changed == 0 {
+        Presence::NoRow
+    } else {
+        Presence::Recorded
+    })
 }
 
 fn unix_now() -> i64 {

@@ -10,6 +10,7 @@ use super::config::Fields;
 use super::js::Liveness;
 use crate::core::credentials::{ApiKey, Credentials};
 use crate::core::heartbeat::{DEFAULT_INTERVAL, Heartbeat};
+use crate::core::local;
 use crate::core::signaldock::SignalDock;
 
 #[napi(object, js_name = "HeartbeatStatus")]
@@ -42,6 +43,15 @@ impl HeartbeatCore {
             core: Heartbeat::new(client, interval),
             live: Liveness::default(),
         }))
+    }
+
+    /// A runtime on the local SignalDock: the beats go into `signaldock.db`, through the
+    /// runtime's own connection to it.
+    pub fn local(transport: local::LocalTransport, interval: std::time::Duration) -> Arc<Self> {
+        Arc::new(Self {
+            core: Heartbeat::new(Arc::new(transport), interval),
+            live: Liveness::default(),
+        })
     }
 
     pub fn start(&self, env: &Env) -> Result<()> {

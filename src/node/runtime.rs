@@ -65,15 +65,14 @@ enum Resolved {
     Local(PathBuf),
 }
 
-fn resolve(
-    api_base_url: &str,
-    sse_endpoint: Option<&str>,
-    has_factory: bool,
-    local_db: PathBuf,
-) -> Resolved {
+///
+/// An SSE endpoint resolves `'sse'` with or without `createSseTransport`, as in the old
+/// package (whose `handle.transport` was its own SSE transport whatever the factory made,
+/// and the CLI prints its name); the factory only decides whose stream delivers.
+fn resolve(api_base_url: &str, sse_endpoint: Option<&str>, local_db: PathBuf) -> Resolved {
     let cloud = api_base_url.starts_with("http");
     if cloud {
-        if sse_endpoint.is_some() && !has_factory {
+        if sse_endpoint.is_some() {
             Resolved::Sse
         } else {
             Resolved::Http
@@ -424,7 +423,6 @@ async fn build(
             let resolved = resolve(
                 &credential.api_base_url,
                 sse_endpoint.as_deref(),
-                settings.create_sse_transport.is_some(),
                 default_local_db_path(),
             );
             tracing::debug!(?resolved, "resolved the transport");
@@ -513,15 +511,27 @@ async fn build(
     // The realtime path: the caller's factory (a JS transport), else the native stream.
     let realtime = match (sse_url, settings.create_sse_transport.clone()) {
         (None, _) => Realtime::None,
-        (Some(_), Some(factory)) => Realtime::Js(factory),
+        (Some(url), Some(factory)) => Realtime::Js(factory, url),
         (Some(url), None) => Realtime::Native(Arc::new(SseClient::new(
             credentials.clone(),
             SseConfig::new(url),
         ))),
     };
+    // With a factory, the runtime's own SSE transport opens no stream (its status() says
+    // closed): the factory's transport is the stream, and two for one agent would split the
+    // server's pushes between them.
+    let idle_stream = match (&own, &realtime) {
+        (OwnParts::Sse(_), Realtime::Js(_, url)) => Some(Arc::new(SseClient::new(
+            credentials.clone(),
+            SseConfig::new(url.clone()),
+        ))),
+        _ => None,
+    };
 
     let agent_id = credential.agent_id.clone();
     let api_base_url = credential.api_base_url.clone();
+    // A local runtime beats into signaldock.db, over the transport's connection.
+    let local_beat = parts.local.clone();
     let shared = credentials.clone();
     let sse_connect = json!({
         "agentId": credential.agent_id, "apiKey": credential.api_key, "apiBaseUrl": credential.api_base_url, "sseEndpoint": sse_endpoint,
@@ -546,7 +556,7 @@ async fn build(
                     core.mark_running(env)?;
                     Some((core, Some(client)))
                 }
-                Realtime::Js(factory) => {
+                Realtime::Js(factory, _) => {
                     let created = factory.borrow_back(env)?.call(())?;
                     if created.get_type()? != ValueType::Object {
                         return Err(Error::new(Status::InvalidArg, "createSseTransport() did not return a transport object".to_owned()));
@@ -570,8 +580,13 @@ async fn build(
                     Some((core, None))
                 }
             };
-            let heartbeat = match (heartbeat_interval, &rest) {
-                (Some(interval), Some(rest)) => {
+            let heartbeat = match (heartbeat_interval, local_beat, &rest) {
+                (Some(interval), Some(local), _) => {
+                    let heartbeat = HeartbeatCore::local(local, interval);
+                    heartbeat.start(env)?;
+                    Some(heartbeat)
+                }
+                (Some(interval), None, Some(rest)) => {
                     let heartbeat = HeartbeatCore::new(rest.clone(), interval)?;
                     heartbeat.start(env)?;
                     Some(heartbeat)
@@ -594,7 +609,7 @@ async fn build(
                 OwnParts::None => None,
                 OwnParts::Http(http) => Some(Either3::A(http)),
                 OwnParts::Sse(rest) => {
-                    let client = stream.ok_or_else(|| Error::new(Status::GenericFailure, "no stream for the SSE transport".to_owned()))?;
+                    let client = stream.or(idle_stream).ok_or_else(|| Error::new(Status::GenericFailure, "no stream for the SSE transport".to_owned()))?;
                     Some(Either3::B(SseTransport::from_parts(env, client, rest)?))
                 }
                 OwnParts::Local(local) => {
@@ -646,7 +661,8 @@ enum OwnParts {
 
 enum Realtime {
     None,
-    Js(FactoryRef),
+    /// The caller's `createSseTransport`, and the endpoint it is connected to.
+    Js(FactoryRef, url::Url),
     Native(Arc<SseClient>),
 }
 

@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::*;
+use crate::core::heartbeat::Beat;
 
 /// A temporary project directory, removed when dropped.
 struct Scratch {
@@ -242,6 +243,116 @@ fn ensure_schema_leaves_other_tables_alone_and_is_idempotent() {
     assert_eq!(tables, 3);
 }
 
+/// The message indexes of the cleo CLI's signaldock.db, as its migration
+/// (`2026-03-28-000000_initial`) writes them and SQLite keeps them in `sqlite_master`.
+const REAL_INDEXES: [(&str, &str); 6] = [
+    (
+        "idx_messages_group_id",
+        "CREATE INDEX idx_messages_group_id ON messages(group_id) WHERE group_id IS NOT NULL",
+    ),
+    (
+        "idx_messages_reply_to",
+        "CREATE INDEX idx_messages_reply_to ON messages(reply_to) WHERE reply_to IS NOT NULL",
+    ),
+    (
+        "messages_conversation_idx",
+        "CREATE INDEX messages_conversation_idx ON messages(conversation_id)",
+    ),
+    (
+        "messages_created_at_idx",
+        "CREATE INDEX messages_created_at_idx ON messages(created_at)",
+    ),
+    (
+        "messages_from_agent_idx",
+        "CREATE INDEX messages_from_agent_idx ON messages(from_agent_id)",
+    ),
+    (
+        "messages_to_agent_idx",
+        "CREATE INDEX messages_to_agent_idx ON messages(to_agent_id)",
+    ),
+];
+
+/// Every index with a definition (SQLite's own primary-key indexes have none), by name.
+fn named_indexes(conn: &Connection) -> Vec<(String, String, String)> {
+    conn.prepare(
+        "SELECT name, tbl_name, sql FROM sqlite_master \
+         WHERE type = 'index' AND sql IS NOT NULL ORDER BY name",
+    )
+    .unwrap()
+    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+    .unwrap()
+    .collect::<rusqlite::Result<_>>()
+    .unwrap()
+}
+
+fn real_indexes() -> Vec<(String, String, String)> {
+    REAL_INDEXES
+        .iter()
+        .map(|(name, sql)| (name.to_string(), "messages".to_string(), sql.to_string()))
+        .collect()
+}
+
+#[test]
+fn ensure_schema_creates_the_real_message_indexes() {
+    let scratch = Scratch::new("indexes");
+    ensure_schema(&scratch.db()).unwrap();
+    assert_eq!(named_indexes(&scratch.raw()), real_indexes());
+
+    // The planner uses them for what the runtime asks most: this agent's pending rows.
+    let plan: String = scratch
+        .raw()
+        .query_row(
+            "EXPLAIN QUERY PLAN SELECT id FROM messages WHERE to_agent_id = 'alice' AND status = 'pending'",
+            [],
+            |r| r.get(3),
+        )
+        .unwrap();
+    assert!(plan.contains("messages_to_agent_idx"), "{plan}");
+}
+
+#[test]
+fn ensure_schema_adds_the_indexes_to_tables_made_without_them_and_touches_nothing_else() {
+    let scratch = Scratch::new("indexes-later");
+    std::fs::create_dir_all(scratch.db().parent().unwrap()).unwrap();
+    {
+        // A file as an earlier ensureSchema left it (the two tables, no indexes), with rows,
+        // and somebody else's table and index.
+        let conn = scratch.raw();
+        conn.execute_batch(SCHEMA).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE agents (id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, status TEXT);
+             CREATE INDEX agents_by_status ON agents(status);
+             INSERT INTO agents VALUES ('u1', 'alice', 'offline');",
+        )
+        .unwrap();
+        insert_row(&conn, "m1", "alice", 1, "pending", None);
+    }
+    let agents_index = (
+        "agents_by_status".to_string(),
+        "agents".to_string(),
+        "CREATE INDEX agents_by_status ON agents(status)".to_string(),
+    );
+    assert_eq!(
+        named_indexes(&scratch.raw()),
+        std::slice::from_ref(&agents_index)
+    );
+
+    ensure_schema(&scratch.db()).unwrap();
+    ensure_schema(&scratch.db()).unwrap();
+    let mut want = real_indexes();
+    want.insert(0, agents_index);
+    assert_eq!(named_indexes(&scratch.raw()), want);
+    let conn = scratch.raw();
+    let kept: (i64, String) = conn
+        .query_row(
+            "SELECT (SELECT count(*) FROM messages), (SELECT status FROM agents WHERE id = 'u1')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(kept, (1, "offline".to_string()));
+}
+
 #[tokio::test]
 async fn connect_refuses_a_missing_file_or_one_without_messages() {
     let scratch = Scratch::new("connect");
@@ -451,6 +562,132 @@ async fn explicit_conversations_are_posted_to_and_groups_marked() {
         )
         .unwrap();
     assert_eq!(fresh, "alice,bob");
+}
+
+#[test]
+fn a_pair_is_recognised_in_the_cli_and_the_signaldock_storage_formats() {
+    for (members, same) in [
+        // The cleo CLI: the two ids sorted and joined by a comma.
+        (Some("alice,bob"), true),
+        (Some("bob,alice"), true),
+        (Some(" alice , bob "), true),
+        // signaldock-storage: a JSON array (sorted, but order does not matter).
+        (Some(r#"["alice","bob"]"#), true),
+        (Some(r#"["bob","alice"]"#), true),
+        (Some(r#" [ "alice" , "bob" ] "#), true),
+        // Groups and strangers, in both formats.
+        (Some("alice,bob,carol"), false),
+        (Some(r#"["alice","bob","carol"]"#), false),
+        (Some("alice,carol"), false),
+        (Some(r#"["alice","carol"]"#), false),
+        (Some(r#"["alice"]"#), false),
+        (Some("alice"), false),
+        (Some("[]"), false),
+        (Some(""), false),
+        (None, false),
+        // A JSON array that is not a list of ids is not these two.
+        (Some(r#"["alice",2]"#), false),
+        (Some(r#"[["alice","bob"]]"#), false),
+    ] {
+        assert_eq!(same_members(members, "alice", "bob"), same, "{members:?}");
+    }
+    // Ids that carry the other format's separators: a comma inside a JSON string, a bracket
+    // at the start of a comma-separated id.
+    assert!(same_members(Some(r#"["a,b","c"]"#), "a,b", "c"));
+    assert!(!same_members(Some(r#"["a,b","c"]"#), "a", "b"));
+    assert!(same_members(Some("[x,y"), "[x", "y"));
+    // JSON escapes are read as JSON.
+    assert!(same_members(
+        Some(r#"["al\"ice","b\u00f6b"]"#),
+        "al\"ice",
+        "böb"
+    ));
+}
+
+#[tokio::test]
+async fn direct_messages_reuse_a_conversation_signaldock_storage_made() {
+    let scratch = Scratch::new("json-pair");
+    let alice = scratch.transport("alice").await;
+    let bob = scratch.transport("bob").await;
+    scratch
+        .raw()
+        .execute_batch(
+            r#"INSERT INTO conversations (id, participants, visibility, created_at, updated_at)
+               VALUES ('sd-pair', '["alice","bob"]', 'private', 1, 1),
+                      ('sd-pair-carol', '["bob","carol"]', 'private', 2, 2),
+                      ('sd-group', '["alice","bob","carol"]', 'private', 3, 3);"#,
+        )
+        .unwrap();
+
+    let first = alice.push("bob", "hi", None, None).await.unwrap();
+    let second = bob.push("alice", "hi back", None, None).await.unwrap();
+    // Into the pair's conversation by id, too: a DM, not a group message.
+    let third = alice
+        .push("bob", "same thread", Some("sd-pair"), None)
+        .await
+        .unwrap();
+    // The three-member conversation stays a group.
+    let fourth = alice
+        .push("bob", "to the team", Some("sd-group"), None)
+        .await
+        .unwrap();
+
+    let conn = scratch.raw();
+    let placed = |id: &str| -> (String, Option<String>) {
+        conn.query_row(
+            "SELECT conversation_id, group_id FROM messages WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    };
+    for id in [&first, &second, &third] {
+        assert_eq!(placed(id), ("sd-pair".into(), None), "message {id}");
+    }
+    assert_eq!(
+        placed(&fourth),
+        ("sd-group".into(), Some("sd-group".into()))
+    );
+    let conversations: Vec<(String, i64)> = conn
+        .prepare("SELECT id, message_count FROM conversations ORDER BY created_at")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    assert_eq!(
+        conversations,
+        [
+            ("sd-pair".into(), 3),
+            ("sd-pair-carol".into(), 0),
+            ("sd-group".into(), 1)
+        ],
+        "no second conversation for the pair"
+    );
+}
+
+#[tokio::test]
+async fn the_oldest_of_the_pair_conversations_wins_whatever_its_format() {
+    let scratch = Scratch::new("pair-oldest");
+    let alice = scratch.transport("alice").await;
+    scratch
+        .raw()
+        .execute_batch(
+            r#"INSERT INTO conversations (id, participants, visibility, created_at, updated_at)
+               VALUES ('cli-newer', 'alice,bob', 'private', 20, 20),
+                      ('json-older', '["bob","alice"]', 'private', 10, 10);"#,
+        )
+        .unwrap();
+    let id = alice.push("bob", "which one?", None, None).await.unwrap();
+    let conversation: String = scratch
+        .raw()
+        .query_row(
+            "SELECT conversation_id FROM messages WHERE id = ?1",
+            [&id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(conversation, "json-older");
 }
 
 #[tokio::test]
@@ -925,5 +1162,190 @@ async fn push_refuses_what_poll_would_refuse() {
     assert_eq!(
         (got[0].id.as_str(), got[0].content.len()),
         (id.as_str(), MAX_CONTENT_BYTES)
+    );
+}
+
+/// The `agents` columns a local beat touches or must leave alone, declared as the cleo CLI's
+/// migration declares them (the real table has two dozen more).
+const AGENTS: &str = "CREATE TABLE agents (
+  id TEXT PRIMARY KEY, agent_id TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
+  status TEXT NOT NULL DEFAULT 'online', last_seen INTEGER,
+  created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);";
+
+type AgentRow = (String, Option<i64>, i64);
+
+/// `(status, last_seen, updated_at)` of the row whose public id is `agent`.
+fn agent_row(conn: &Connection, agent: &str) -> Option<AgentRow> {
+    conn.query_row(
+        "SELECT status, last_seen, updated_at FROM agents WHERE agent_id = ?1",
+        [agent],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .optional()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_local_beat_marks_the_agent_online_now_and_leaves_the_key_age_alone() {
+    let scratch = Scratch::new("presence");
+    let alice = scratch.transport("alice").await;
+    scratch
+        .raw()
+        .execute_batch(&format!(
+            "{AGENTS}
+             INSERT INTO agents VALUES ('u-alice', 'alice', 'Alice', 'offline', NULL, 100, 200);
+             INSERT INTO agents VALUES ('u-bob', 'bob', 'Bob', 'offline', 7, 100, 200);
+             -- A row whose own id is 'alice' but whose agent is carol: not alice's row.
+             INSERT INTO agents VALUES ('alice', 'carol', 'Carol', 'busy', 7, 100, 200);"
+        ))
+        .unwrap();
+
+    let before = unix_now();
+    alice.record_presence().await.unwrap();
+    let (status, last_seen, updated_at) = agent_row(&scratch.raw(), "alice").unwrap();
+    assert_eq!(status, "online");
+    assert!(
+        last_seen.is_some_and(|t| (before..=unix_now()).contains(&t)),
+        "{last_seen:?}"
+    );
+    assert_eq!(
+        updated_at, 200,
+        "updated_at is the registry's key-age clock"
+    );
+
+    // Through the heartbeat's seam, again.
+    scratch
+        .raw()
+        .execute(
+            "UPDATE agents SET status = 'offline', last_seen = 5 WHERE agent_id = 'alice'",
+            [],
+        )
+        .unwrap();
+    Beat::beat(&alice).await.unwrap();
+    let (status, last_seen, _) = agent_row(&scratch.raw(), "alice").unwrap();
+    assert_eq!(status, "online");
+    assert!(last_seen.is_some_and(|t| t >= before), "{last_seen:?}");
+
+    let conn = scratch.raw();
+    assert_eq!(
+        agent_row(&conn, "bob"),
+        Some(("offline".into(), Some(7), 200))
+    );
+    assert_eq!(
+        agent_row(&conn, "carol"),
+        Some(("busy".into(), Some(7), 200))
+    );
+}
+
+#[tokio::test]
+async fn a_local_beat_without_the_table_or_the_row_fails_and_changes_nothing() {
+    let scratch = Scratch::new("presence-missing");
+    let alice = scratch.transport("alice").await;
+    let path = scratch.db().display().to_string();
+
+    let err = alice.record_presence().await.unwrap_err();
+    assert_eq!(
+        err,
+        Error::Storage(format!(
+            "signaldock.db has no agents table (at {path}; the cleo CLI's agent registry creates it)"
+        ))
+    );
+    scratch
+        .raw()
+        .execute_batch(&format!(
+            "{AGENTS} INSERT INTO agents VALUES ('u-bob', 'bob', 'Bob', 'offline', 7, 100, 200);"
+        ))
+        .unwrap();
+    let err = alice.record_presence().await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "agent \"alice\" has no row in signaldock.db (agents table at {path}; `cleo agent register` adds it)"
+        )
+    );
+    let conn = scratch.raw();
+    assert_eq!(
+        agent_row(&conn, "alice"),
+        None,
+        "a beat never creates a row"
+    );
+    assert_eq!(
+        agent_row(&conn, "bob"),
+        Some(("offline".into(), Some(7), 200))
+    );
+
+    alice.disconnect().await;
+    assert!(matches!(
+        alice.record_presence().await,
+        Err(Error::NotConnected(_))
+    ));
+}
+
+/// Polls `check` every 20 ms until it holds, for at most 10 s.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_heartbeat_service_beats_into_the_file_and_counts_a_missing_row() {
+    use crate::core::heartbeat::Heartbeat;
+
+    let scratch = Scratch::new("presence-service");
+    let alice = scratch.transport("alice").await;
+    scratch.raw().execute_batch(AGENTS).unwrap();
+    let heartbeat = Heartbeat::new(Arc::new(alice.clone()), Duration::from_millis(50));
+    assert!(heartbeat.start());
+
+    eventually("two failed beats", || {
+        heartbeat.status().consecutive_failures >= 2
+    })
+    .await;
+    let status = heartbeat.status();
+    assert!(status.running);
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("agent \"alice\" has no row in signaldock.db")),
+        "{status:?}"
+    );
+
+    // `cleo agent register` adds the row: the next beat records presence and the count resets.
+    let before = unix_now();
+    scratch
+        .raw()
+        .execute(
+            "INSERT INTO agents VALUES ('u-alice', 'alice', 'Alice', 'offline', NULL, 100, 200)",
+            [],
+        )
+        .unwrap();
+    eventually("a beat recorded", || {
+        agent_row(&scratch.raw(), "alice")
+            .is_some_and(|(status, seen, _)| status == "online" && seen >= Some(before))
+    })
+    .await;
+    eventually("the failure count reset", || {
+        heartbeat.status().consecutive_failures == 0
+    })
+    .await;
+
+    heartbeat.stop();
+    assert!(!heartbeat.status().running);
+    scratch
+        .raw()
+        .execute(
+            "UPDATE agents SET status = 'offline' WHERE agent_id = 'alice'",
+            [],
+        )
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        agent_row(&scratch.raw(), "alice").map(|r| r.0),
+        Some("offline".into()),
+        "no beat after stop"
     );
 }
