@@ -221,7 +221,8 @@ describe('ids stay inside their path segment', () => {
       p.start();
       try {
         await waitFor(() => hb.status().beats + hb.status().consecutiveFailures >= 1 && p.status().polls >= 1
-          && sd.requests.some((r) => r.path === '/messages/peek' && r.headers['x-agent-id'] === agentId), { what: `requests for ${agentId}` });
+          // Node reads header bytes as latin1: decode the UTF-8 the runtime sent.
+          && sd.requests.some((r) => r.path === '/messages/peek' && Buffer.from(r.headers['x-agent-id'] ?? '', 'latin1').toString('utf8') === agentId), { what: `requests for ${agentId}` });
       } finally { hb.stop(); p.stop(); }
       const beat = sd.requests.find((r) => r.method === 'POST' && r.path.endsWith('/heartbeat') && decodeURIComponent(r.path.split('/')[2]) === agentId);
       expect(beat, agentId).toBeTruthy();

@@ -44,7 +44,7 @@ describe('SseTransport idle watchdog', () => {
 
     await sleep(5000);
     // A message is life too: the watchdog counts from here, not from the open.
-    silentServer.sendDirect('bob', 'alice', 'through the silence');
+    const through = silentServer.sendDirect('bob', 'alice', 'through the silence');
     await waitFor(() => got.length === 1, { what: 'message on the silent stream' });
     const lastLife = Date.now();
     expect(silent.status()).toMatchObject({ state: 'connected', reconnects: 0 });
@@ -60,7 +60,7 @@ describe('SseTransport idle watchdog', () => {
     await waitFor(() => silent.status().state === 'connected', { what: 'connected again' });
     expect(silent.status().reconnects).toBe(1);
     expect(silent.status().lastError).toMatch(/nothing from the server/);
-    expect(streamRequests(silentServer)[1].headers['last-event-id']).toBe('1');
+    expect(streamRequests(silentServer)[1].headers['last-event-id']).toBe(through.id);
 
     // The beating stream was never replaced.
     expect(live.status()).toMatchObject({ state: 'connected', reconnects: 0 });

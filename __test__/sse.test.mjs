@@ -288,7 +288,22 @@ describe('SseTransport (native) against the test server', () => {
     expect(streamRequests()[0].query).toEqual({ region: 'eu' });
   });
 
+  it('subscribe() gets pushed messages in the real shape, mapped', async () => {
+    const t = await nativeTransport();
+    const got = [];
+    t.subscribe((m) => { got.push(m); });
+    const rows = ['one', 'two', 'three'].map((c) => sd.sendDirect('bob', 'alice', c));
+    await waitFor(() => got.length === 3, { what: 'three pushed messages' });
+    expect(got.map((m) => m.id)).toEqual(rows.map((r) => r.id));
+    // The real frame's createdAt is chrono's to_rfc3339: the same instant, written +00:00.
+    expect(got[0]).toMatchObject({ id: rows[0].id, from: 'bob', content: 'one', threadId: 'alice,bob' });
+    expect(Date.parse(got[0].timestamp)).toBe(Date.parse(rows[0].createdAt));
+    expect(sd.pending('alice')).toEqual([]);
+    expect(t.status()).toMatchObject({ delivered: 3, malformed: 0, buffered: 0 });
+  });
+
   it('subscribe() gets pushed messages in the snake shape, mapped', async () => {
+    await restartServer({ sseShape: 'snake' });
     const t = await nativeTransport();
     const got = [];
     t.subscribe((m) => { got.push(m); });
@@ -457,7 +472,7 @@ describe('SseTransport (native) against the test server', () => {
     const t = await nativeTransport();
     const got = [];
     t.subscribe((m) => got.push(m.content));
-    for (const c of ['e1', 'e2', 'e3']) sd.sendDirect('bob', 'alice', c);
+    const sent = ['e1', 'e2', 'e3'].map((c) => sd.sendDirect('bob', 'alice', c));
     await waitFor(() => got.length === 3, { what: 'three events' });
     const before = t.status().lastEventAt;
     const droppedAt = Date.now();
@@ -472,7 +487,8 @@ describe('SseTransport (native) against the test server', () => {
     expect(Date.parse(s.lastEventAt)).toBeGreaterThanOrEqual(Date.parse(before));
     const reqs = streamRequests();
     expect(reqs).toHaveLength(2);
-    expect(reqs[1].headers['last-event-id']).toBe('3');
+    // The real server's event id is the message id.
+    expect(reqs[1].headers['last-event-id']).toBe(sent[2].id);
     expect(reqs[1].headers.authorization).toBe('Bearer key-a');
     sd.sendDirect('bob', 'alice', 'e4');
     await waitFor(() => got.length === 4, { what: 'after reconnect' });
@@ -636,7 +652,8 @@ describe('createRuntime with SSE', () => {
     await waitFor(() => got.length === 5, { what: 'five messages', timeoutMs: 3000 });
     expect(Date.now() - sentAt).toBeLessThan(1500);
     expect(got.map((m) => m.id)).toEqual(rows.map((r) => r.id));
-    expect(got[0]).toMatchObject({ from: 'bob', content: 'rt0', threadId: 'alice,bob', timestamp: rows[0].createdAt });
+    expect(got[0]).toMatchObject({ from: 'bob', content: 'rt0', threadId: 'alice,bob' });
+    expect(Date.parse(got[0].timestamp)).toBe(Date.parse(rows[0].createdAt));
     expect(sd.pending('alice')).toEqual([]);
     await sleep(300);
     expect(got).toHaveLength(5);

@@ -119,8 +119,9 @@ describe('HttpTransport: the Transport surface', () => {
       headers: { authorization: 'Bearer key-b', 'x-agent-id': 'bob' },
     });
     const { data } = await res.json();
-    expect(data.messages.map((m) => [m.id, m.content, m.replyTo])).toEqual([
-      [first.messageId, 'root', undefined], [reply.messageId, 'a reply', first.messageId],
+    // Posted in one second: the listing gives them no order.
+    expect(data.messages.map((m) => [m.id, m.content, m.replyTo]).sort((a, b) => a[1].localeCompare(b[1]))).toEqual([
+      [reply.messageId, 'a reply', first.messageId], [first.messageId, 'root', undefined],
     ]);
   });
 
@@ -153,7 +154,8 @@ describe('HttpTransport: the Transport surface', () => {
   });
 
   it('poll({ limit, since }) passes both to the peek', async () => {
-    const rows = ['a', 'b', 'c', 'd'].map((c) => sd.sendDirect('bob', 'alice', c));
+    // A second apart: the server's `since` counts whole seconds.
+    const rows = ['a', 'b', 'c', 'd'].map((c, i) => sd.sendDirect('bob', 'alice', c, { createdAt: `2026-04-07T12:00:0${i}Z` }));
     const t = await http();
     expect((await t.poll({ limit: 2 })).map((m) => m.content)).toEqual(['a', 'b']);
     expect((await t.poll({ since: rows[1].createdAt })).map((m) => m.content)).toEqual(['c', 'd']);

@@ -228,6 +228,10 @@ export class SignalDock {
   }
 
   pending(agentId) { return this.#rowsIn(agentId, 'pending'); }
+  /** How each of an agent's messages left the inbox: 'sse' (pushed or replayed), 'ack', or null. */
+  deliveries(agentId) {
+    return (this.#inbox.get(agentId) ?? []).map((e) => ({ id: e.row.id, state: e.state, via: e.via }));
+  }
   delivered(agentId) { return this.#rowsIn(agentId, 'delivered'); }
   acked(agentId) { return [...(this.#acked.get(agentId) ?? [])]; }
   heartbeats(agentId) {

@@ -132,6 +132,10 @@ struct Shared {
     kick: Notify,
     /// Set by [`Poller::poll_now`]: the next wake-up polls direct messages whatever is due.
     direct_requested: AtomicBool,
+    /// A direct page came back full: more may be waiting behind it, which (timestamps being
+    /// whole seconds, so `since` cannot page inside one) only acks uncover. The delivery
+    /// loop polls again as soon as it has acked.
+    direct_full: AtomicBool,
     /// Settled direct-message ids not yet acked, including those of an ack in flight.
     pending_acks: Mutex<Vec<String>>,
     /// One ack request at a time (the delivery loop and the poll loop both flush).
@@ -179,6 +183,7 @@ impl Poller {
                 realtime: watch::channel(false).0,
                 kick: Notify::new(),
                 direct_requested: AtomicBool::new(false),
+                direct_full: AtomicBool::new(false),
                 pending_acks: Mutex::new(Vec::new()),
                 acking: tokio::sync::Mutex::new(()),
                 delivering: tokio::sync::Mutex::new(()),
@@ -445,6 +450,11 @@ struct GroupTrack {
     /// The oldest `createdAt` (ms) of the first page read: unread rows older than it are
     /// history from before this poller, which the first read does not replay either.
     floor_ms: Option<i64>,
+    /// The newest `createdAt` (ms) read so far. A row posted after a read is stamped no
+    /// older than this (the server's clock moves on), so a page has shown every new row
+    /// only once its oldest row is older than this: rows of the page's oldest second may
+    /// have been cut off it.
+    newest_ms: Option<i64>,
     not_before: Option<Instant>,
 }
 
@@ -454,6 +464,7 @@ impl Default for GroupTrack {
             known: Arc::new(SeenWindow::new(GROUP_ROWS_REMEMBERED)),
             primed: false,
             floor_ms: None,
+            newest_ms: None,
             not_before: None,
         }
     }
@@ -650,9 +661,12 @@ async fn cycle(
         .filter_map(|id| {
             let feed = shared.groups.clone()?;
             let track = tracks.groups.entry(id.clone()).or_default();
-            let known = track.primed.then(|| track.known.clone());
+            let seen = track.primed.then(|| Seen {
+                rows: track.known.clone(),
+                newest_ms: track.newest_ms,
+            });
             Some(async move {
-                let rows = read_group(feed.as_ref(), &id, limit, known.as_deref()).await;
+                let rows = read_group(feed.as_ref(), &id, limit, seen.as_ref()).await;
                 (id, rows)
             })
         })
@@ -664,7 +678,9 @@ async fn cycle(
         match result {
             Ok(page) => {
                 let full = page.rows >= direct_limit as usize;
-                if !full {
+                if full {
+                    shared.direct_full.store(true, Ordering::Relaxed);
+                } else {
                     tracks.direct_limit = DIRECT_PAGE;
                 }
                 // Rows that cannot be mapped are counted once and acked (skipped for good),
@@ -691,6 +707,8 @@ async fn cycle(
                 // Offered again after being handled (an ack lost or refused), or a copy of a
                 // message handled through another path: ack it, or it stays pending.
                 shared.ack_again(&offered);
+                // Acks refused: the server keeps offering what was handled.
+                let acks_owed = !lock(&shared.pending_acks).is_empty();
                 tracks.direct_since = match (full, fresh.is_empty()) {
                     // Full, and rows to skip were found: they are acked before the next
                     // poll, which then sees past them.
@@ -698,16 +716,26 @@ async fn cycle(
                         more = true;
                         None
                     }
-                    // Full of what we already have (handled but ack pending, or queued):
-                    // look past it, once per distinct mark.
-                    (true, true) if last_stamp != tracks.direct_since => {
-                        more = true;
-                        last_stamp
-                    }
-                    (true, false) => {
+                    // Full of what was handled but cannot be acked: look past it from the
+                    // page's last second on, once per distinct mark. A page all in one
+                    // second cannot be looked past without skipping rows of that second out
+                    // of order: it waits for the acks to go through.
+                    (true, true)
+                        if acks_owed
+                            && below_last.is_some()
+                            && below_last != tracks.direct_since =>
+                    {
                         more = true;
                         below_last
                     }
+                    // Fresh rows, and an older second to read on from: read ahead while they
+                    // are handled (rows of the last second are read again, deduplicated).
+                    (true, false) if below_last.is_some() => {
+                        more = true;
+                        below_last
+                    }
+                    // Otherwise the page is all one second, or in flight: only acks move
+                    // the window, and the delivery loop polls again once they are in.
                     _ => None,
                 };
                 if !fresh.is_empty()
@@ -749,6 +777,9 @@ async fn cycle(
                 if !track.primed {
                     track.floor_ms = rows.iter().filter_map(row_created_ms).min();
                 }
+                track.newest_ms = track
+                    .newest_ms
+                    .max(rows.iter().filter_map(row_created_ms).max());
                 let known = Arc::make_mut(&mut track.known);
                 let (primed, floor) = (track.primed, track.floor_ms);
                 let new: Vec<&Value> = rows
@@ -803,13 +834,34 @@ async fn cycle(
     more
 }
 
-/// Reads a group's newest rows; when a full page holds none of `known` (the rows read
-/// before), the burst was bigger than a page, so read a bigger one, up to [`MAX_GROUP_FETCH`].
+/// What a group track has read before, for [`read_group`].
+struct Seen {
+    rows: Arc<SeenWindow>,
+    newest_ms: Option<i64>,
+}
+
+impl Seen {
+    /// Whether a full page can have cut off rows not read yet. Rows are listed newest first
+    /// by whole-second timestamps with no tiebreak: every row newer than the page's oldest
+    /// second is on it, rows of that second may not be, and new rows are no older than the
+    /// newest row read before. Without readable timestamps: when no row was read before.
+    fn page_may_hide_new_rows(&self, rows: &[Value]) -> bool {
+        match (rows.iter().filter_map(row_created_ms).min(), self.newest_ms) {
+            (Some(oldest), Some(newest)) => oldest >= newest,
+            (_, None) => true,
+            (None, Some(_)) => !rows.iter().any(|row| self.rows.contains(&row_key(row))),
+        }
+    }
+}
+
+/// Reads a group's newest rows. The first read takes one page (older rows are history);
+/// after that, while a full page may hide rows not read yet (see [`Seen`]), a bigger page
+/// is read, up to [`MAX_GROUP_FETCH`].
 async fn read_group(
     feed: &dyn GroupFeed,
     id: &str,
     limit: u32,
-    known: Option<&SeenWindow>,
+    seen: Option<&Seen>,
 ) -> super::error::Result<Vec<Value>> {
     let mut limit = limit;
     let mut read: Option<Vec<Value>> = None;
@@ -825,9 +877,12 @@ async fn read_group(
             Err(err) => return Err(err),
         };
         let full = rows.len() >= limit as usize;
-        let overlaps =
-            known.is_none_or(|known| rows.iter().any(|row| known.contains(&row_key(row))));
-        if !full || overlaps || limit >= MAX_GROUP_FETCH {
+        let complete = seen.is_none_or(|seen| !seen.page_may_hide_new_rows(&rows));
+        if !full || complete {
+            return Ok(rows);
+        }
+        if limit >= MAX_GROUP_FETCH {
+            tracing::warn!(conversation = %id, limit, "more new rows than the most read at once: some mentions may be missed");
             return Ok(rows);
         }
         read = Some(rows);
@@ -924,25 +979,34 @@ async fn deliver_batch(
     };
     handler.deliver(batch.messages, settled, token).await;
     if ack {
-        flush_acks(shared).await;
+        // Acked: the server's window moved. Behind a full page, read the next one now.
+        if flush_acks(shared).await && shared.direct_full.swap(false, Ordering::Relaxed) {
+            shared.direct_requested.store(true, Ordering::Relaxed);
+            shared.kick.notify_one();
+        }
     }
 }
 
 /// Acks the settled ids. They stay pending until the server has taken the ack, so `stop()`
 /// in the middle of one still returns them; after a failure the next direct poll retries.
-async fn flush_acks(shared: &Shared) {
+/// True when nothing is left owed.
+async fn flush_acks(shared: &Shared) -> bool {
     let _one = shared.acking.lock().await;
     let ids = lock(&shared.pending_acks).clone();
     if ids.is_empty() {
-        return;
+        return true;
     }
     match shared.direct.ack(ids.clone()).await {
         Ok(()) => {
             let done: HashSet<String> = ids.into_iter().collect();
             lock(&shared.pending_acks).retain(|id| !done.contains(id));
+            true
         }
         // The server offers them again meanwhile; dedup keeps them from the handler.
-        Err(err) => shared.record_error("ack", &err),
+        Err(err) => {
+            shared.record_error("ack", &err);
+            false
+        }
     }
 }
 

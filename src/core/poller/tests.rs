@@ -463,6 +463,11 @@ impl Rig {
         self.poller.set_handler(self.handler.handler());
     }
 
+    /// A handler that takes 10 ms a message, so acks trail polls as with a real one.
+    fn handle_with_delay(&mut self) {
+        self.handle_with(Recorder::new().slow(ms(10)));
+    }
+
     /// Sleeps until `ms` after the test began.
     async fn at(&self, millis: u64) {
         sleep_until(self.t0 + ms(millis)).await;
@@ -1247,4 +1252,65 @@ async fn a_group_message_is_one_call_whether_peeked_listed_or_streamed() {
         strings(&["c-alice", "c-alice-2", "c-aac"]),
         "listed first, streamed second: still one call"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backlog_inside_one_second_drains_without_waiting_an_interval() {
+    // Whole-second timestamps: `since` cannot page inside one second (the server keeps rows
+    // created strictly after it), so only acks move the window. A full page must lead to
+    // the next one as soon as its acks are in, not an interval later.
+    let mut r = Rig::with_config(&[], |c| c.poll_interval = Duration::from_secs(60));
+    r.direct.push(
+        (0..180)
+            .map(|i| message_with(&format!("s{i}"), "same second", 7))
+            .collect(),
+    );
+    r.handle_with_delay();
+    r.poller.start();
+    r.at(5_000).await;
+    assert_eq!(
+        r.handler.count(),
+        180,
+        "all drained long before the 60 s interval"
+    );
+    assert!(r.direct.pending_ids().is_empty());
+    let ids = r.handler.ids();
+    assert_eq!(ids.first().map(String::as_str), Some("s0"));
+    assert_eq!(ids.last().map(String::as_str), Some("s179"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn rows_cut_off_a_page_inside_one_second_are_read_before_newer_rows_bury_them() {
+    // Page of 5. Mentions keep landing in second 20 after the first read; the listing may
+    // show the rows already read first and cut the new ones off (no tiebreak). A page that
+    // shows a known row proves nothing about the rows of its oldest second that it cut off.
+    let r = Rig::with_config(&["g"], |c| c.group_poll_limit = 5);
+    r.groups.add("g", mention_rows("h", 1..=2));
+    r.groups.add(
+        "g",
+        (1..=3)
+            .map(|i| row(&format!("t{i}"), "bob", &format!("@alice t{i}"), 20))
+            .collect(),
+    );
+    r.handle();
+    r.poller.start();
+    r.at(10).await;
+    assert_eq!(r.handler.count(), 5);
+    // Stored oldest first, answered newest first: t4..t10 go below t1..t3 (same second).
+    r.groups.with(|s| {
+        let rows = s.rows.get_mut("g").unwrap();
+        for i in (4..=10).rev() {
+            rows.insert(2, row(&format!("t{i}"), "bob", &format!("@alice t{i}"), 20));
+        }
+    });
+    r.at(1010).await;
+    r.groups.add("g", vec![row("n21", "bob", "@alice n21", 21)]);
+    r.at(4010).await;
+    let mut got = r.handler.ids();
+    got.sort();
+    let mut want: Vec<String> = names("h", 1..=2);
+    want.extend(names("t", 1..=10));
+    want.push("n21".into());
+    want.sort();
+    assert_eq!(got, want, "every mention once, none buried");
 }
