@@ -397,7 +397,7 @@ describe('faults are per track and never stop the loop', () => {
     sd.inject({ path: '/conversations/bad/messages', status: 500, times: Infinity });
     sd.inject({ path: '/conversations/junk/messages', malformed: true, times: Infinity });
     sd.inject({ path: '/conversations/gone/messages', reset: true, times: Infinity });
-    channel('good');
+    sd.createConversation('good', ['bob', 'carol']); // watched, not joined
     sd.postToConversation('good', 'bob', '@alice works');
     sd.sendDirect('bob', 'alice', 'dm works');
     const p = poller({ groupConversationIds: ['bad', 'junk', 'gone', 'good'] });
