@@ -30,6 +30,26 @@ function collect(target) {
 
 const peeks = () => sd.requests.filter((r) => r.path === '/messages/peek');
 
+/**
+ * Runs a runtime for alice (stream on) in a child process with CLEO_RUNTIME_LOG=warn, so
+ * its log lines can be read: `body` runs with `handle` and `got` (contents handled) in
+ * scope, and prints what the test reads.
+ */
+function childRuntime(config, body) {
+  const source = `
+    import { createRuntime } from '@cleocode/runtime';
+    const cred = { agentId: 'alice', apiKey: 'key-a', apiBaseUrl: ${JSON.stringify(sd.url)}, transportConfig: { sseEndpoint: ${JSON.stringify(`${sd.url}/messages/stream`)} }, updatedAt: new Date().toISOString() };
+    const registry = { get: async () => cred, getActive: async () => cred, rotateKey: async () => ({}) };
+    const handle = await createRuntime(registry, ${JSON.stringify(config)});
+    const got = [];
+    handle.poller.onMessage((m) => { got.push(m.content); });
+    while (got.length < 1) await new Promise((r) => setTimeout(r, 20));
+    ${body}
+    handle.stop();
+  `;
+  return runChild(source, { env: { CLEO_RUNTIME_LOG: 'warn' }, timeoutMs: 30_000 });
+}
+
 describe('direct messages: the inbox is X-Agent-Id, never mentioned=', () => {
   it('a bare AgentPoller delivers a DM without an @-mention, and never sends mentioned', async () => {
     sd.sendDirect('bob', 'alice', 'plain words, no mention');
@@ -76,18 +96,10 @@ describe('SSE: the real frame', () => {
   });
 
   it('an unreadable frame is counted and logged with its event id, and the stream goes on', async () => {
-    const source = `
-      import { createRuntime } from '@cleocode/runtime';
-      const cred = { agentId: 'alice', apiKey: 'key-a', apiBaseUrl: ${JSON.stringify(sd.url)}, transportConfig: { sseEndpoint: ${JSON.stringify(`${sd.url}/messages/stream`)} }, updatedAt: new Date().toISOString() };
-      const registry = { get: async () => cred, getActive: async () => cred, rotateKey: async () => ({}) };
-      const handle = await createRuntime(registry, { pollIntervalMs: 600000, heartbeatIntervalMs: 0, maxKeyAgeMs: 0 });
-      const got = [];
-      handle.poller.onMessage((m) => { got.push(m.content); });
-      while (got.length < 1) await new Promise((r) => setTimeout(r, 20));
-      console.log(JSON.stringify({ got, status: handle.sseConnection.status() }));
-      handle.stop();
-    `;
-    const child = runChild(source, { env: { CLEO_RUNTIME_LOG: 'warn' }, timeoutMs: 30_000 });
+    const child = childRuntime(
+      { pollIntervalMs: 600000, heartbeatIntervalMs: 0, maxKeyAgeMs: 0 },
+      'console.log(JSON.stringify({ got, status: handle.sseConnection.status() }));',
+    );
     await waitFor(() => sd.streams('alice') === 1, { what: 'the child stream' });
     sd.sseSendRaw('alice', 'id: broken-7\nevent: message\ndata: {"messageId": 12.5e999, "from": "bob"\n\n');
     sd.sendDirect('bob', 'alice', 'after the broken one');
@@ -219,19 +231,10 @@ describe('one REST client per runtime, one failover for every service', () => {
 describe('stream auth', () => {
   it('a stream that answers 401 while REST calls succeed is said once, and polling delivers', async () => {
     sd.inject({ path: '/messages/stream', status: 401, times: Infinity });
-    const source = `
-      import { createRuntime } from '@cleocode/runtime';
-      const cred = { agentId: 'alice', apiKey: 'key-a', apiBaseUrl: ${JSON.stringify(sd.url)}, transportConfig: { sseEndpoint: ${JSON.stringify(`${sd.url}/messages/stream`)} }, updatedAt: new Date().toISOString() };
-      const registry = { get: async () => cred, getActive: async () => cred, rotateKey: async () => ({}) };
-      const handle = await createRuntime(registry, { pollIntervalMs: 100, heartbeatIntervalMs: 100, maxKeyAgeMs: 0 });
-      const got = [];
-      handle.poller.onMessage((m) => { got.push(m.content); });
-      while (got.length < 1) await new Promise((r) => setTimeout(r, 20));
-      await new Promise((r) => setTimeout(r, 1500));
-      console.log(JSON.stringify(got));
-      handle.stop();
-    `;
-    const child = runChild(source, { env: { CLEO_RUNTIME_LOG: 'warn' }, timeoutMs: 30_000 });
+    const child = childRuntime(
+      { pollIntervalMs: 100, heartbeatIntervalMs: 100, maxKeyAgeMs: 0 },
+      'await new Promise((r) => setTimeout(r, 1500)); console.log(JSON.stringify(got));',
+    );
     await waitFor(() => sd.requests.filter((r) => r.path === '/messages/stream').length >= 1, { what: 'a stream attempt' });
     sd.sendDirect('bob', 'alice', 'by polling');
     const { code, stdout, stderr } = await child;
