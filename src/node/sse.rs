@@ -38,6 +38,7 @@ const CONNECT_WAIT: Duration = Duration::from_secs(3);
 #[napi(object, js_name = "SseTransportStatus")]
 pub struct JsSseStatus {
     /// `connecting`, `connected`, `reconnecting` or `closed`.
+    #[napi(ts_type = "'connecting' | 'connected' | 'reconnecting' | 'closed'")]
     pub state: String,
     pub reconnects: f64,
     pub last_event_at: Option<String>,
@@ -194,7 +195,7 @@ impl SseTransport {
         })
     }
 
-    #[napi(getter)]
+    #[napi(getter, ts_return_type = "'sse'")]
     pub fn name(&self) -> &'static str {
         "sse"
     }
@@ -409,6 +410,7 @@ pub struct JsSseConnectionStatus {
     pub running: bool,
     pub transport_name: String,
     /// The native stream's state, when the runtime's own SSE transport is in use.
+    #[napi(ts_type = "'connecting' | 'connected' | 'reconnecting' | 'closed'")]
     pub state: Option<String>,
     pub reconnects: Option<f64>,
     pub last_event_at: Option<String>,

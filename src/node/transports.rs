@@ -198,7 +198,7 @@ impl HttpTransport {
         }
     }
 
-    #[napi(getter)]
+    #[napi(getter, ts_return_type = "'http'")]
     pub fn name(&self) -> &'static str {
         "http"
     }
@@ -327,7 +327,7 @@ impl LocalTransport {
 
 #[napi]
 impl LocalTransport {
-    #[napi(constructor, ts_args_type = "options?: LocalTransportOptions")]
+    #[napi(constructor, ts_args_type = "options?: import('./index').LocalTransportOptions")]
     pub fn new(env: Env, options: Option<Unknown>) -> Result<Self> {
         let fields = Fields::new(&env, "LocalTransport", options, true)?;
         Ok(Self {
@@ -339,7 +339,7 @@ impl LocalTransport {
         })
     }
 
-    #[napi(getter)]
+    #[napi(getter, ts_return_type = "'local'")]
     pub fn name(&self) -> &'static str {
         "local"
     }
