@@ -443,8 +443,7 @@ struct Tracks {
 struct GroupTrack {
     /// The listing rows read so far. The listing orders by whole-second timestamps with no
     /// tiebreak, so a new row can be listed after rows already read: a row is new when it
-    /// is not in here, wherever it stands on the page. A full page of rows none of which is
-    /// in here means a burst bigger than a page arrived, and more must be read at once.
+    /// is not in here, wherever it stands on the page.
     known: Arc<SeenWindow>,
     primed: bool,
     /// The oldest `createdAt` (ms) of the first page read: unread rows older than it are
