@@ -8,6 +8,11 @@
 //!
 //! It also reads `retry:` fields itself: the parser drops an event that has no `data`, and
 //! with it the `retry:` of the common standalone `retry: 5000` frame.
+//!
+//! [`FieldFilter`] removes the lines whose field the SSE standard does not define before the
+//! parser sees them. The standard says to ignore such a field; the parser instead starts an
+//! event for it, and an event with nothing in it is an error that costs the connection (and
+//! the next event on it): a server's or proxy's own `x-custom: 1` line must not do that.
 
 /// The most bytes one event (or one comment line) may take on the wire. A message's content
 /// is capped at [`crate::core::message::MAX_CONTENT_BYTES`]; JSON escaping can grow it
@@ -114,6 +119,125 @@ impl FrameGuard {
     }
 }
 
+/// The fields of the SSE standard; a line with any other is ignored.
+const KNOWN_FIELDS: [&[u8]; 4] = [b"data", b"event", b"id", b"retry"];
+/// The longest known field name: a line whose name is longer is unknown.
+const LONGEST_FIELD: usize = 5;
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Line {
+    /// The field name is not complete yet: the line's bytes so far are held back.
+    Undecided,
+    Keep,
+    Drop,
+}
+
+/// Drops lines with a field the SSE standard does not define (see the module doc), byte by
+/// byte, whatever the chunking: a line is held back only until its field name is known (at
+/// most six bytes, plus a leading byte-order mark).
+#[derive(Debug)]
+pub struct FieldFilter {
+    line: Line,
+    /// The held-back start of an undecided line.
+    head: Vec<u8>,
+    /// The line being read is the stream's first (it may start with a byte-order mark).
+    first_line: bool,
+    /// The previous byte was `\r`, ending a line that was dropped or kept.
+    after_cr: Option<Line>,
+}
+
+impl Default for FieldFilter {
+    fn default() -> Self {
+        Self {
+            line: Line::Undecided,
+            head: Vec::with_capacity(LONGEST_FIELD + 1 + BOM.len()),
+            first_line: true,
+            after_cr: None,
+        }
+    }
+}
+
+impl FieldFilter {
+    /// Appends to `out` what of `chunk` the parser should see.
+    pub fn filter(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        for &byte in chunk {
+            if let Some(ended) = self.after_cr.take()
+                && byte == b'\n'
+            {
+                // The `\n` of a `\r\n`: it goes where its `\r` went.
+                if ended == Line::Keep {
+                    out.push(byte);
+                }
+                continue;
+            }
+            match byte {
+                b'\n' | b'\r' => {
+                    let ended = match self.line {
+                        Line::Undecided => {
+                            // A line without a colon: its whole text is the field name.
+                            let keep = self.head.is_empty() || self.known(&self.head);
+                            if keep {
+                                out.extend_from_slice(&self.head);
+                            }
+                            if keep { Line::Keep } else { Line::Drop }
+                        }
+                        decided => decided,
+                    };
+                    if ended == Line::Keep {
+                        out.push(byte);
+                    }
+                    if byte == b'\r' {
+                        self.after_cr = Some(ended);
+                    }
+                    self.head.clear();
+                    self.line = Line::Undecided;
+                    self.first_line = false;
+                }
+                _ => match self.line {
+                    Line::Keep => out.push(byte),
+                    Line::Drop => {}
+                    Line::Undecided => {
+                        self.head.push(byte);
+                        let name_len = self.name(&self.head).len();
+                        if byte == b':' {
+                            let name = &self.head[..self.head.len() - 1];
+                            // An empty name is a comment line: the parser's to see.
+                            self.line = if self.name(name).is_empty() || self.known(name) {
+                                out.extend_from_slice(&self.head);
+                                Line::Keep
+                            } else {
+                                Line::Drop
+                            };
+                            self.head.clear();
+                        } else if name_len > LONGEST_FIELD && !self.may_be_bom() {
+                            self.line = Line::Drop;
+                            self.head.clear();
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// `head` without the byte-order mark a stream may start with.
+    fn name<'a>(&self, head: &'a [u8]) -> &'a [u8] {
+        match self.first_line {
+            true => head.strip_prefix(BOM).unwrap_or(head),
+            false => head,
+        }
+    }
+
+    /// The held bytes may still be (the start of) a byte-order mark.
+    fn may_be_bom(&self) -> bool {
+        self.first_line && self.head.len() <= BOM.len() && BOM.starts_with(&self.head)
+    }
+
+    fn known(&self, name: &[u8]) -> bool {
+        KNOWN_FIELDS.contains(&self.name(name))
+    }
+}
+
 /// The value of a `retry:` line, when it is one: ASCII digits only, as the SSE spec says
 /// (anything else is ignored, not an error).
 fn retry_field(line: &[u8]) -> Option<u64> {
@@ -184,6 +308,58 @@ mod tests {
         ] {
             assert_eq!(run(limit, &chunks), want, "{chunks:?}");
         }
+    }
+
+    /// Feeds `chunks` through a [`FieldFilter`] and returns what the parser would see.
+    fn filtered(chunks: &[&[u8]]) -> String {
+        let mut filter = FieldFilter::default();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            filter.filter(chunk, &mut out);
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn unknown_fields_are_dropped_known_ones_and_comments_kept() {
+        let stream = "x-custom: 1\n\ndata: a\nx-trace: t\nid: 7\n\n: ping\nevent: m\nretry: 5\ndata\nfoo\nidx: 1\n\n";
+        let want = "\ndata: a\nid: 7\n\n: ping\nevent: m\nretry: 5\ndata\n\n";
+        assert_eq!(filtered(&[stream.as_bytes()]), want);
+        // Whatever the chunking, byte by byte included.
+        let bytes: Vec<&[u8]> = stream.as_bytes().chunks(1).collect();
+        assert_eq!(filtered(&bytes), want);
+        for split in 0..stream.len() {
+            let (a, b) = stream.as_bytes().split_at(split);
+            assert_eq!(filtered(&[a, b]), want, "split at {split}");
+        }
+    }
+
+    #[test]
+    fn every_line_ending_and_a_byte_order_mark() {
+        assert_eq!(filtered(&[b"x: 1\r\ndata: a\r\n\r\n"]), "data: a\r\n\r\n");
+        assert_eq!(filtered(&[b"x: 1\rdata: a\r\r"]), "data: a\r\r");
+        assert_eq!(
+            filtered(&[b"x: 1\r", b"\ndata: a\r", b"\n\r\n"]),
+            "data: a\r\n\r\n"
+        );
+        assert_eq!(
+            filtered(&[b"\xEF\xBB", b"\xBFdata: a\n\n"]),
+            "\u{FEFF}data: a\n\n"
+        );
+        assert_eq!(
+            filtered(&[b"\xEF\xBB\xBFx-a: 1\ndata: b\n\n"]),
+            "data: b\n\n"
+        );
+        // A long unknown name, and one that only starts like a known one.
+        assert_eq!(
+            filtered(&[b"something-long: 1\ndatax: 2\nretryy: 3\ndata: ok\n\n"]),
+            "data: ok\n\n"
+        );
+        // Values are never looked at.
+        assert_eq!(
+            filtered(&[b"data: x-custom: 1\ndata:\n\n"]),
+            "data: x-custom: 1\ndata:\n\n"
+        );
     }
 
     #[test]

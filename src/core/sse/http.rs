@@ -22,7 +22,7 @@ use launchdarkly_sdk_transport::{
 };
 use sync_wrapper::{SyncFuture, SyncStream};
 
-use super::guard::FrameGuard;
+use super::guard::{FieldFilter, FrameGuard};
 use crate::core::signaldock::REQUEST_TIMEOUT;
 
 /// The HTTP client of every stream in the process. No overall timeout (a stream lasts);
@@ -119,6 +119,8 @@ fn body_of(response: reqwest::Response) -> ByteStream {
 
 fn guard(body: ByteStream, probe: Arc<Probe>, limit: usize) -> ByteStream {
     let mut guard = FrameGuard::new(limit);
+    let mut fields = FieldFilter::default();
+    let mut kept = Vec::new();
     Box::pin(body.map(move |chunk| {
         let chunk = chunk?;
         let fed = guard.feed(&chunk);
@@ -131,6 +133,14 @@ fn guard(body: ByteStream, probe: Arc<Probe>, limit: usize) -> ByteStream {
             probe.overflowed.store(true, Ordering::Relaxed);
             return Err(TransportError::new(overflow));
         }
-        Ok(chunk)
+        kept.clear();
+        fields.filter(&chunk, &mut kept);
+        // The usual chunk has no unknown field and no line cut at its field name: handed on
+        // as it came, without a copy.
+        if kept[..] == chunk[..] {
+            Ok(chunk)
+        } else {
+            Ok(Bytes::copy_from_slice(&kept))
+        }
     }))
 }
