@@ -8,7 +8,11 @@
 //!
 //! Keys are wrapped in [`ApiKey`], which never prints itself: `Debug` and `Display` are
 //! redacted, and [`Credentials::scrub`] removes known keys from any text that will become a
-//! log line or an error message.
+//! log line or an error message — as they are, and in the base64 forms a server may quote
+//! back (of the key, and of the whole `Bearer <key>` header value).
+//!
+//! An agent id travels in the `X-Agent-Id` header, so it must be something a header can
+//! carry: [`usable_agent_id`].
 
 use std::fmt;
 use std::sync::{Arc, RwLock};
@@ -19,6 +23,59 @@ use tokio::time::Instant;
 
 /// What a redacted key prints as.
 pub const REDACTED: &str = "[redacted]";
+
+/// What an agent id must be, for error messages (which never quote the id itself).
+pub const AGENT_ID_RULE: &str = "a string an HTTP header can carry (no newline, carriage return, NUL or other control character)";
+
+/// True when `id` can go in the `X-Agent-Id` header: no control character but tab (the bytes
+/// an HTTP stack refuses in a header value; a newline would also split the header).
+pub fn usable_agent_id(id: &str) -> bool {
+    !id.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
+}
+
+/// The texts a key can be quoted back in: the key, and the base64 (standard and URL-safe,
+/// with and without padding) of the key and of `Bearer <key>`.
+fn quoted_forms(key: &str) -> Vec<String> {
+    let mut forms = vec![key.to_owned()];
+    for text in [key.to_owned(), format!("Bearer {key}")] {
+        let standard = base64(text.as_bytes(), STANDARD);
+        let url_safe = base64(text.as_bytes(), URL_SAFE);
+        for form in [standard, url_safe] {
+            let unpadded = form.trim_end_matches('=').to_owned();
+            if unpadded != form {
+                forms.push(form);
+            }
+            forms.push(unpadded);
+        }
+    }
+    // Longest first, so a form is never cut by a shorter one it contains.
+    forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+    forms.dedup();
+    forms
+}
+
+const STANDARD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+const URL_SAFE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/// Base64 with `=` padding (RFC 4648), in the given alphabet. Only for recognising a key in
+/// text, so no decoder and no crate for it.
+fn base64(bytes: &[u8], alphabet: &[u8; 64]) -> String {
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(alphabet[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
 
 /// An API key. Its text is reachable only through [`ApiKey::expose`], for the one place it
 /// belongs: the `Authorization` header.
@@ -148,14 +205,20 @@ impl Credentials {
         self.rotations.subscribe()
     }
 
-    /// `text` with every key this agent has used replaced by [`REDACTED`].
+    /// `text` with every key this agent has used replaced by [`REDACTED`], also where it
+    /// appears base64-encoded (alone or as `Bearer <key>`).
     pub fn scrub(&self, text: &str) -> String {
         let state = self.read();
         let mut out = text.to_owned();
         let keys = std::iter::once(&state.current).chain(state.previous.as_ref().map(|(k, _)| k));
         for key in keys {
-            if !key.expose().is_empty() {
-                out = out.replace(key.expose(), REDACTED);
+            if key.expose().is_empty() {
+                continue;
+            }
+            for form in quoted_forms(key.expose()) {
+                if out.contains(&form) {
+                    out = out.replace(&form, REDACTED);
+                }
             }
         }
         out
@@ -177,6 +240,63 @@ mod tests {
         let creds = Credentials::new("alice", key);
         assert!(!format!("{creds:?}").contains("sk-secret"));
         assert_eq!(creds.scrub("bad key sk-secret!"), "bad key [redacted]!");
+    }
+
+    #[test]
+    fn base64_matches_rfc_4648() {
+        for (plain, want) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(plain.as_bytes(), STANDARD), want);
+        }
+        assert_eq!(base64(&[0xfb, 0xff], STANDARD), "+/8=");
+        assert_eq!(base64(&[0xfb, 0xff], URL_SAFE), "-_8=");
+    }
+
+    #[test]
+    fn base64_forms_of_the_key_are_scrubbed() {
+        let key = "sk-live-Q7f3KEY?>~";
+        let creds = Credentials::new("alice", ApiKey::new(key));
+        for text in [key.to_owned(), format!("Bearer {key}")] {
+            let standard = base64(text.as_bytes(), STANDARD);
+            let url_safe = base64(text.as_bytes(), URL_SAFE);
+            if text == key {
+                assert_ne!(standard, url_safe, "the test key exercises both alphabets");
+            }
+            for form in [
+                standard.clone(),
+                standard.trim_end_matches('=').to_owned(),
+                url_safe.clone(),
+                url_safe.trim_end_matches('=').to_owned(),
+            ] {
+                let scrubbed = creds.scrub(&format!("401: token {form} is not valid"));
+                assert_eq!(scrubbed, "401: token [redacted] is not valid", "{form}");
+            }
+        }
+        assert_eq!(creds.scrub("nothing here"), "nothing here");
+    }
+
+    #[test]
+    fn agent_ids_a_header_can_carry() {
+        for good in ["alice", "a b", "a\tb", "agent-ünï", "ag/ent", "."] {
+            assert!(usable_agent_id(good), "{good:?}");
+        }
+        for bad in [
+            "a\nb",
+            "a\rb",
+            "a\0b",
+            "a\r\nX-Evil: 1",
+            "a\u{7f}",
+            "a\u{1b}[0m",
+        ] {
+            assert!(!usable_agent_id(bad), "{bad:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -31,11 +31,16 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// One HTTP client (connection pool, TLS config) for the whole process: a thousand runtimes
 /// share it instead of a thousand pools.
+///
+/// Redirects are not followed: a redirected API call would go to another host or port with
+/// `X-Agent-Id` (reqwest drops `Authorization` there, so it would fail anyway, confusingly).
+/// A 3xx is reported as the configuration error it is (see [`redirect_error`]).
 pub fn shared_http_client() -> reqwest::Client {
     static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
     CLIENT
         .get_or_init(|| {
             reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
                 .user_agent(concat!("cleo-runtime/", env!("CARGO_PKG_VERSION")))
                 .pool_idle_timeout(Duration::from_secs(30))
                 .build()
@@ -90,6 +95,31 @@ pub fn endpoint(base: &Url, segments: &[&str], query: &[(&str, &str)]) -> Result
         url.query_pairs_mut().extend_pairs(query);
     }
     Ok(url)
+}
+
+/// A 3xx answer to an API call: a configuration error naming the status and where the server
+/// wanted the request to go (its host and port only: a `Location` may carry anything else).
+pub fn redirect_error(status: StatusCode, from: &Url, headers: &header::HeaderMap) -> Error {
+    let target = headers
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|location| from.join(location).ok())
+        .and_then(|to| {
+            let host = to.host_str()?.to_owned();
+            Some(match to.port_or_known_default() {
+                Some(port) => format!("{host}:{port}"),
+                None => host,
+            })
+        });
+    let target = match target {
+        Some(host) => format!("to {host}"),
+        None => "without a usable Location".to_owned(),
+    };
+    Error::Config(format!(
+        "the server answered {} with a redirect {target}; API requests do not follow redirects: \
+         point apiBaseUrl at the server that answers",
+        status.as_u16()
+    ))
 }
 
 /// A SignalDock REST client for one agent.
@@ -237,6 +267,13 @@ impl SignalDock {
                 .get(header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| backoff::retry_after(v, MAX_RETRY_AFTER));
+            if status.is_redirection() {
+                let error = redirect_error(status, response.url(), response.headers());
+                return Err(match error {
+                    Error::Config(why) => Error::Config(self.credentials.scrub(&why)),
+                    other => other,
+                });
+            }
             let bytes = read_capped(response).await.map_err(|e| match e {
                 Error::Network(why) => Error::Network(self.credentials.scrub(&why)),
                 other => other,
@@ -248,7 +285,14 @@ impl SignalDock {
                     // send no header: honour whichever is there.
                     retry_after: retry_after_header.or_else(|| retry_after_in_body(&bytes)),
                     // A server may quote the key back ("key … is expired"): never pass it on.
-                    message: self.credentials.scrub(&error_message(status, &bytes)),
+                    // Scrubbed before the quote is cut to length too, or a key cut in two
+                    // at the cut would no longer be recognised.
+                    message: self.credentials.scrub(&error_message(
+                        status,
+                        self.credentials
+                            .scrub(&String::from_utf8_lossy(&bytes))
+                            .as_bytes(),
+                    )),
                 });
             }
             self.credentials.note_accepted(key);
