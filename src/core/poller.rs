@@ -959,9 +959,23 @@ async fn deliver_batch(
         .filter(|m| m.dedup_key() != m.id)
         .map(|m| (m.id.clone(), m.dedup_key().to_owned()))
         .collect();
+    // Ids not yet settled. A handler that gives up half-way (its JS environment is going
+    // away, a call could not even be made) leaves some unsettled: those were never handed
+    // over, so they must neither be acked nor stay "queued" (which would hide them from the
+    // next peek for good).
+    let unsettled: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(
+        batch.messages.iter().map(|m| m.id.clone()).collect(),
+    ));
+    let keys = Arc::new(keys);
     let settled: Settled = {
         let shared = shared.clone();
+        let unsettled = unsettled.clone();
+        let keys = keys.clone();
         Arc::new(move |id: &str, outcome: Outcome| {
+            if !lock(&unsettled).remove(id) {
+                // Settled twice, or not of this batch: counted once.
+                return;
+            }
             match outcome {
                 Outcome::Handled => shared.stats.delivered.fetch_add(1, Ordering::Relaxed),
                 Outcome::Failed(why) => {
@@ -976,7 +990,20 @@ async fn deliver_batch(
             }
         })
     };
-    handler.deliver(batch.messages, settled, token).await;
+    handler
+        .deliver(batch.messages, settled, token.clone())
+        .await;
+    let left: Vec<String> = lock(&unsettled).drain().collect();
+    if !left.is_empty() && !token.is_cancelled() {
+        tracing::debug!(
+            count = left.len(),
+            "messages not handed to the handler; they are offered again"
+        );
+        let mut queued = lock(&shared.queued);
+        for id in &left {
+            queued.remove(keys.get(id).map_or(id.as_str(), String::as_str));
+        }
+    }
     if ack {
         // Acked: the server's window moved. Behind a full page, read the next one now.
         if flush_acks(shared).await && shared.direct_full.swap(false, Ordering::Relaxed) {

@@ -335,6 +335,9 @@ struct RecorderState {
     fail: Mutex<HashSet<String>>,
     /// Ids on which the handler never settles (once each).
     hang: Mutex<HashSet<String>>,
+    /// Ids on which the handler gives up on the rest of its batch, without settling this
+    /// one or any after it (once each), as a JS handler does when its environment goes.
+    give_up: Mutex<HashSet<String>>,
     per_message: Mutex<Duration>,
     t0: Instant,
 }
@@ -348,6 +351,7 @@ impl Recorder {
             calls: Mutex::new(Vec::new()),
             fail: Mutex::new(HashSet::new()),
             hang: Mutex::new(HashSet::new()),
+            give_up: Mutex::new(HashSet::new()),
             per_message: Mutex::new(Duration::ZERO),
             t0: Instant::now(),
         }))
@@ -360,6 +364,11 @@ impl Recorder {
 
     fn hanging_on(self, ids: &[&str]) -> Self {
         lock(&self.0.hang).extend(strings(ids));
+        self
+    }
+
+    fn giving_up_on(self, ids: &[&str]) -> Self {
+        lock(&self.0.give_up).extend(strings(ids));
         self
     }
 
@@ -399,6 +408,9 @@ impl Handler for Recorder {
         Box::pin(async move {
             for message in batch {
                 if stop.is_cancelled() {
+                    return;
+                }
+                if lock(&me.give_up).remove(&message.id) {
                     return;
                 }
                 lock(&me.calls).push((since_millis(me.t0), message.clone()));
@@ -594,6 +606,32 @@ async fn stop_during_an_ack_still_returns_the_ids_being_acked() {
         r.direct.acked().is_empty(),
         "the ack in flight was dropped with the task"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn messages_a_handler_never_took_are_neither_acked_nor_lost() {
+    let mut r = Rig::new(&[]);
+    r.direct.push(dms(1..=4));
+    r.handle_with(Recorder::new().giving_up_on(&["d2"]));
+    assert!(r.poller.start());
+    r.at(10).await;
+    assert_eq!(
+        r.handler.ids(),
+        strings(&["d1"]),
+        "d2..d4 were never handed over"
+    );
+    assert_eq!(
+        r.direct.acked(),
+        strings(&["d1"]),
+        "only what was handled is acked"
+    );
+    assert_eq!(r.direct.pending_ids(), strings(&["d2", "d3", "d4"]));
+    // The next poll offers them again, and this time they are handed over.
+    r.at(1010).await;
+    assert_eq!(r.handler.ids(), strings(&["d1", "d2", "d3", "d4"]));
+    assert_eq!(r.direct.acked(), strings(&["d1", "d2", "d3", "d4"]));
+    assert_eq!(r.poller.status().failed, 0);
+    r.poller.stop();
 }
 
 #[tokio::test(start_paused = true)]
