@@ -16,7 +16,7 @@ use napi_derive::napi;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::js::{JsThread, Lenient, PersistentObject, describe};
+use super::js::{JsThread, Lenient, Pending, PersistentObject, describe};
 use crate::core::delivery::{Handler, Outcome, Settled};
 use crate::core::error::{Error as CoreError, Result as CoreResult};
 use crate::core::key_rotation::{Registry, RegistryCredential};
@@ -72,7 +72,7 @@ enum Step {
     Done,
     Stopped,
     /// The handler returned a promise for this message; the rest wait for it.
-    Wait(String, Promise<UnknownReturnValue>, Vec<ConduitMessage>),
+    Wait(String, Pending<UnknownReturnValue>, Vec<ConduitMessage>),
 }
 
 impl Handler for JsHandler {
@@ -101,7 +101,7 @@ impl Handler for JsHandler {
                     Ok(Step::Wait(id, promise, remaining)) => {
                         let outcome = match promise.await {
                             Ok(_) => Outcome::Handled,
-                            Err(e) => Outcome::Failed(describe(&e)),
+                            Err(why) => Outcome::Failed(why),
                         };
                         settled(&id, outcome);
                         for m in remaining.into_iter().rev() {
@@ -123,6 +123,7 @@ fn call_handler(
     stop: &CancellationToken,
 ) -> Result<Step> {
     let handler = function.borrow_back(env)?;
+    let handler = unsafe { Unknown::from_raw_unchecked(env.raw(), handler.raw()) };
     let mut messages = chunk.into_iter();
     while let Some(message) = messages.next() {
         // stop() runs on this thread too: once it has returned, no call gets through.
@@ -130,14 +131,14 @@ fn call_handler(
             return Ok(Step::Stopped);
         }
         let id = message.id.clone();
-        match handler.call(JsMessage::from(message)) {
+        // Whatever the handler throws is this message's failure, described without throwing
+        // again: the next message is still handed over (see `js::call`).
+        match super::js::call(env, handler, JsMessage::from(message)) {
             Err(thrown) => settled(&id, Outcome::Failed(describe(&thrown))),
-            Ok(returned) if returned.is_promise()? => {
-                let promise = unsafe {
-                    Promise::<UnknownReturnValue>::from_napi_value(env.raw(), returned.raw())?
-                };
-                return Ok(Step::Wait(id, promise, messages.collect()));
-            }
+            Ok(returned) if returned.is_promise()? => match Pending::observe(env, returned) {
+                Ok(promise) => return Ok(Step::Wait(id, promise, messages.collect())),
+                Err(e) => settled(&id, Outcome::Failed(describe(&e))),
+            },
             Ok(_) => settled(&id, Outcome::Handled),
         }
     }

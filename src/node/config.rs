@@ -105,10 +105,29 @@ impl<'env> Fields<'env> {
             .ok_or_else(|| self.fail(field, "a non-empty string", Some(ValueType::Undefined)))
     }
 
-    /// A required id that goes into a URL path segment: not `.` or `..`, which no URL can
-    /// carry (normalisation resolves them, even percent-encoded).
+    /// An agent id: a non-empty string that the `X-Agent-Id` header can carry. The message
+    /// never quotes the id (it may be anything, a key pasted in the wrong field included).
+    pub fn agent_id(&self, field: &str, required: bool) -> Result<Option<String>> {
+        let id = match required {
+            true => Some(self.required_string(field)?),
+            false => self.string(field)?,
+        };
+        if let Some(id) = &id
+            && !crate::core::credentials::usable_agent_id(id)
+        {
+            return Err(self.fail(field, crate::core::credentials::AGENT_ID_RULE, None));
+        }
+        Ok(id)
+    }
+
+    pub fn required_agent_id(&self, field: &str) -> Result<String> {
+        Ok(self.agent_id(field, true)?.unwrap_or_default())
+    }
+
+    /// A required agent id that also goes into a URL path segment: not `.` or `..`, which no
+    /// URL can carry (normalisation resolves them, even percent-encoded).
     pub fn required_path_id(&self, field: &str) -> Result<String> {
-        let id = self.required_string(field)?;
+        let id = self.required_agent_id(field)?;
         if !usable_in_path(&id) {
             return Err(self.fail(field, NOT_DOTS, None));
         }

@@ -7,7 +7,7 @@ use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
 use super::config::Fields;
-use super::js::Liveness;
+use super::lifetime::Liveness;
 use crate::core::credentials::{ApiKey, Credentials};
 use crate::core::heartbeat::{DEFAULT_INTERVAL, Heartbeat};
 use crate::core::local;
@@ -54,13 +54,31 @@ impl HeartbeatCore {
         })
     }
 
-    pub fn start(&self, env: &Env) -> Result<()> {
-        self.live.start(env, || self.core.start())
+    /// Starts; while running, the service (and `wrapper`, its JS object) is a GC root and
+    /// keeps the process alive, until `stop()` or the end of the environment.
+    pub fn start(self: &Arc<Self>, env: &Env, wrapper: Option<&Object<'_>>) -> Result<()> {
+        let weak = Arc::downgrade(self);
+        self.live.start(
+            env,
+            wrapper,
+            || self.core.start(),
+            move || {
+                if let Some(service) = weak.upgrade() {
+                    service.core.stop();
+                    service.live.abandon();
+                }
+            },
+        )
     }
 
-    pub fn stop(&self) {
+    /// Roots a wrapper handed out for this service while it runs.
+    pub fn root(&self, wrapper: &Object<'_>) -> Result<()> {
+        self.live.root(wrapper)
+    }
+
+    pub fn stop(&self, env: &Env) {
         self.core.stop();
-        self.live.release();
+        self.live.release(env);
     }
 }
 
@@ -91,13 +109,13 @@ impl HeartbeatService {
 
     /// Starts beating; idempotent; resets the failure count.
     #[napi]
-    pub fn start(&self, env: Env) -> Result<()> {
-        self.inner.start(&env)
+    pub fn start(&self, env: Env, this: This) -> Result<()> {
+        self.inner.start(&env, Some(&this))
     }
 
     #[napi]
-    pub fn stop(&self) {
-        self.inner.stop();
+    pub fn stop(&self, env: Env) {
+        self.inner.stop(&env);
     }
 
     #[napi]

@@ -7,16 +7,21 @@
 //! - **`this` is right**: methods are fetched from their object and applied to it, so a
 //!   class instance's methods work (a plain threadsafe-function call passes `undefined`).
 //! - **nothing crashes Node**: a JS throw comes back as an `Err`, a promise is awaited from
-//!   Rust and its rejection becomes an `Err` (never an unhandled rejection).
+//!   Rust and its rejection becomes an `Err` (never an unhandled rejection). Whatever was
+//!   thrown — a Symbol, `undefined`, a Proxy whose traps throw, an object whose `toString`
+//!   throws — is described by [`describe_thrown`] without letting a second exception escape:
+//!   napi-rs's own conversion coerces the value to a string, which throws again for a Symbol,
+//!   and that exception, left pending, reached Node as uncaught (exit 1).
 //! - **bounded**: the queue holds [`QUEUE_SIZE`] closures; when it is full, callers wait
 //!   (backpressure) instead of memory growing.
 //! - **no accidental liveness**: the threadsafe function is weak, so a pending call never
 //!   keeps the process alive. What keeps it alive while a service runs is an explicit
-//!   [`KeepAlive`], dropped by `stop()`.
+//!   [`KeepAlive`], held by [`super::lifetime::Liveness`] until `stop()`.
 //!
 //! | Rust | JavaScript |
 //! |---|---|
 //! | [`Settle<T>`] | `T \| Promise<T>` returned by a JS function |
+//! | [`Pending<T>`] | a JS promise awaited from Rust |
 //! | [`Lenient`] | any JSON-like value; `undefined`, functions and symbols read as absent |
 //! | [`PersistentObject`] | a JS object kept across calls (a transport, a registry) |
 
@@ -59,6 +64,11 @@ impl JsThread {
             .max_queue_size::<QUEUE_SIZE>()
             .build_callback(|ctx: ThreadsafeCallContext<Job>| {
                 (ctx.value)(&ctx.env);
+                // Whatever a job left pending would be rethrown into Node as uncaught (exit 1)
+                // when this callback returns: a job's errors are its caller's, never Node's.
+                if let Some(thrown) = take_exception(&ctx.env) {
+                    tracing::debug!(thrown, "cleared an exception a JS call left pending");
+                }
                 Ok(())
             })?;
         Ok(Self {
@@ -127,47 +137,19 @@ impl KeepAlive {
     }
 }
 
-/// A service's hold on the Node process: taken when the service starts, released by `stop()`.
-#[derive(Default)]
-pub struct Liveness(Mutex<Option<KeepAlive>>);
-
-impl Liveness {
-    /// Runs `start` inside the tokio runtime; when it started something, holds the process.
-    pub fn start(&self, env: &Env, start: impl FnOnce() -> bool) -> Result<()> {
-        let mut held = lock(&self.0);
-        if super::runtime_context(start) {
-            *held = Some(KeepAlive::new(env)?);
-        }
-        Ok(())
-    }
-
-    /// Holds the process (for something already started).
-    pub fn hold(&self, env: &Env) -> Result<()> {
-        *lock(&self.0) = Some(KeepAlive::new(env)?);
-        Ok(())
-    }
-
-    pub fn release(&self) {
-        lock(&self.0).take();
-    }
-}
-
 /// A value a JS function returned: ready now, or a promise to await from Rust.
 pub enum Settle<T: FromNapiValue + Send + 'static> {
     Now(T),
-    Later(Promise<T>),
+    Later(Pending<T>),
 }
 
 impl<T: FromNapiValue + Send + 'static> Settle<T> {
     /// Reads a return value on the JS thread.
     pub fn read(env: &Env, value: Unknown<'_>) -> Result<Self> {
-        let raw = value.raw();
         if value.is_promise()? {
-            Ok(Settle::Later(unsafe {
-                Promise::<T>::from_napi_value(env.raw(), raw)?
-            }))
+            Ok(Settle::Later(Pending::observe(env, value)?))
         } else {
-            Ok(Settle::Now(unsafe { T::from_napi_value(env.raw(), raw)? }))
+            Ok(Settle::Now(read_value(env, value.raw())?))
         }
     }
 
@@ -175,9 +157,73 @@ impl<T: FromNapiValue + Send + 'static> Settle<T> {
     pub async fn resolve(self) -> std::result::Result<T, CoreError> {
         match self {
             Settle::Now(v) => Ok(v),
-            Settle::Later(p) => p.await.map_err(|e| CoreError::Js(describe(&e))),
+            Settle::Later(p) => p.await.map_err(CoreError::Js),
         }
     }
+}
+
+/// A JS promise observed from Rust: resolves with the value (read as `T` on the JS thread) or
+/// with the rejection described as text. The promise is always observed, so its rejection is
+/// never unhandled; and unlike napi-rs's `Promise`, a rejection with a Symbol, `undefined` or
+/// a Proxy still reads as something a person can act on.
+pub struct Pending<T>(tokio::sync::oneshot::Receiver<std::result::Result<T, String>>);
+
+impl<T: FromNapiValue + Send + 'static> Pending<T> {
+    /// Attaches to `promise` (on the JS thread).
+    pub fn observe(env: &Env, promise: Unknown<'_>) -> Result<Self> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let slot = Arc::new(Mutex::new(Some(tx)));
+        let on_rejected = slot.clone();
+        // Neither callback may throw: an exception from a reaction would reject the promise
+        // that `then` returns, which nobody observes (an unhandled rejection).
+        let fulfilled =
+            env.create_function_from_closure::<Unknown, (), _>("cleoSettled", move |ctx| {
+                let value: Unknown = ctx.get(0)?;
+                let read = read_value::<T>(ctx.env, value.raw()).map_err(|e| describe(&e));
+                if let Some(tx) = lock(&slot).take() {
+                    let _ = tx.send(read);
+                }
+                Ok(())
+            })?;
+        let rejected =
+            env.create_function_from_closure::<Unknown, (), _>("cleoRejected", move |ctx| {
+                let reason: Unknown = ctx.get(0)?;
+                let why = describe_thrown(ctx.env, reason.raw());
+                if let Some(tx) = lock(&on_rejected).take() {
+                    let _ = tx.send(Err(why));
+                }
+                Ok(())
+            })?;
+        let object = unsafe { Object::from_napi_value(env.raw(), promise.raw())? };
+        let then = get_property(env, &object, "then")?;
+        apply(env, &object, then, FnArgs::from((fulfilled, rejected)))?;
+        Ok(Self(rx))
+    }
+}
+
+impl<T> std::future::Future for Pending<T> {
+    type Output = std::result::Result<T, String>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|settled| settled.unwrap_or_else(|_| Err(closing().to_string())))
+    }
+}
+
+/// `T::from_napi_value`, leaving no exception pending when it fails (a getter or a Proxy trap
+/// may throw while the value is read).
+fn read_value<T: FromNapiValue>(env: &Env, raw: sys::napi_value) -> Result<T> {
+    unsafe { T::from_napi_value(env.raw(), raw) }.map_err(|e| match take_exception(env) {
+        Some(thrown) => Error::new(
+            Status::InvalidArg,
+            format!("reading the value threw {thrown}"),
+        ),
+        None => e,
+    })
 }
 
 /// A JS value read as JSON, leniently: `undefined` is `null` at the top and absent inside
@@ -233,8 +279,9 @@ fn to_json(env: &Env, value: Unknown<'_>, depth: u32, budget: &mut usize) -> Res
                 }
                 Some(Value::Array(items))
             } else if value.is_date()? {
-                let iso: Function<(), String> = object.get_named_property("toISOString")?;
-                Some(Value::String(iso.apply(object, ())?))
+                let iso = get_property(env, &object, "toISOString")?;
+                let text = apply(env, &object, iso, ())?;
+                Some(Value::String(read_value::<String>(env, text.raw())?))
             } else {
                 let mut map = Map::new();
                 for key in Object::keys(&object)? {
@@ -294,7 +341,7 @@ impl PersistentObject {
         args: A,
     ) -> Result<Settle<T>> {
         let object = self.get(env)?;
-        let function: Unknown = object.get_named_property(method)?;
+        let function = get_property(env, &object, method)?;
         if function.get_type()? != ValueType::Function {
             return Err(Error::new(
                 Status::InvalidArg,
@@ -307,19 +354,43 @@ impl PersistentObject {
 }
 
 /// `function.apply(this, args)` that turns a JS throw into an `Err` and leaves no exception
-/// pending (napi's own `apply` leaves it pending, to be rethrown as uncaught later).
+/// pending (napi's own `apply` leaves it pending, to be rethrown as uncaught later, and its
+/// conversion of the thrown value throws again for a Symbol).
 pub fn apply<'env, A: JsValuesTupleIntoVec>(
     env: &'env Env,
     this: &Object<'env>,
     function: Unknown<'env>,
     args: A,
 ) -> Result<Unknown<'env>> {
-    let args = args.into_vec(env.raw())?;
+    call_raw(env, this.raw(), function, args)
+}
+
+/// Calls `function(...args)` with `this` undefined, as a plain function call does (a handler).
+pub fn call<'env, A: JsValuesTupleIntoVec>(
+    env: &'env Env,
+    function: Unknown<'env>,
+    args: A,
+) -> Result<Unknown<'env>> {
+    let mut undefined = std::ptr::null_mut();
+    check_status!(unsafe { sys::napi_get_undefined(env.raw(), &mut undefined) })?;
+    call_raw(env, undefined, function, args)
+}
+
+fn call_raw<'env, A: JsValuesTupleIntoVec>(
+    env: &'env Env,
+    this: sys::napi_value,
+    function: Unknown<'env>,
+    args: A,
+) -> Result<Unknown<'env>> {
+    let args = match args.into_vec(env.raw()) {
+        Ok(args) => args,
+        Err(e) => return Err(cleared(env, e)),
+    };
     let mut returned = std::ptr::null_mut();
     let status = unsafe {
         sys::napi_call_function(
             env.raw(),
-            this.raw(),
+            this,
             function.raw(),
             args.len(),
             args.as_ptr(),
@@ -328,19 +399,135 @@ pub fn apply<'env, A: JsValuesTupleIntoVec>(
     };
     match status {
         sys::Status::napi_ok => Ok(unsafe { Unknown::from_raw_unchecked(env.raw(), returned) }),
-        sys::Status::napi_pending_exception => {
-            let mut thrown = std::ptr::null_mut();
-            check_status!(unsafe {
-                sys::napi_get_and_clear_last_exception(env.raw(), &mut thrown)
-            })?;
-            Err(Error::from(unsafe {
-                Unknown::from_raw_unchecked(env.raw(), thrown)
-            }))
-        }
-        other => Err(Error::new(
-            Status::from(other),
-            "calling a JavaScript function failed".to_owned(),
+        other => Err(cleared(
+            env,
+            Error::new(
+                Status::from(other),
+                "calling a JavaScript function failed".to_owned(),
+            ),
         )),
+    }
+}
+
+/// `object[name]`, with a throwing getter or Proxy trap as an `Err` and nothing left pending.
+pub fn get_property<'env>(
+    env: &'env Env,
+    object: &Object<'env>,
+    name: &str,
+) -> Result<Unknown<'env>> {
+    object
+        .get_named_property::<Unknown>(name)
+        .map_err(|e| cleared(env, e))
+}
+
+/// `err`, or — when an exception is pending — that exception as the error, cleared.
+fn cleared(env: &Env, err: Error) -> Error {
+    match take_exception(env) {
+        Some(thrown) => Error::new(Status::GenericFailure, thrown),
+        None => err,
+    }
+}
+
+/// Takes the pending exception, if any, described as text.
+pub fn take_exception(env: &Env) -> Option<String> {
+    let mut pending = false;
+    let status = unsafe { sys::napi_is_exception_pending(env.raw(), &mut pending) };
+    if status != sys::Status::napi_ok || !pending {
+        return None;
+    }
+    let mut thrown = std::ptr::null_mut();
+    if unsafe { sys::napi_get_and_clear_last_exception(env.raw(), &mut thrown) }
+        != sys::Status::napi_ok
+    {
+        return Some("an exception that could not be read".to_owned());
+    }
+    Some(describe_thrown(env, thrown))
+}
+
+/// The longest description of a thrown value kept (a handler may throw a megabyte string).
+const MAX_THROWN_TEXT: usize = 2000;
+
+/// Text for any value JS threw or rejected with, on the JS thread. Never throws and leaves no
+/// exception pending: every step that runs JS (`toString`, a getter, a Proxy trap) is tried,
+/// and what it throws is cleared and the next way tried.
+pub fn describe_thrown(env: &Env, value: sys::napi_value) -> String {
+    let mut text = describe_value(env, value);
+    clear_exception(env);
+    if text.len() > MAX_THROWN_TEXT {
+        let mut cut = MAX_THROWN_TEXT;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
+}
+
+fn describe_value(env: &Env, value: sys::napi_value) -> String {
+    let mut kind = sys::ValueType::napi_undefined;
+    if unsafe { sys::napi_typeof(env.raw(), value, &mut kind) } != sys::Status::napi_ok {
+        return "a value that cannot be read".to_owned();
+    }
+    match kind {
+        sys::ValueType::napi_undefined => "undefined".to_owned(),
+        sys::ValueType::napi_null => "null".to_owned(),
+        sys::ValueType::napi_string => {
+            read_value::<String>(env, value).unwrap_or_else(|_| "a string".to_owned())
+        }
+        sys::ValueType::napi_symbol => match property_text(env, value, c"description") {
+            Some(description) => format!("Symbol({description})"),
+            None => "Symbol()".to_owned(),
+        },
+        sys::ValueType::napi_boolean
+        | sys::ValueType::napi_number
+        | sys::ValueType::napi_bigint => {
+            coerced_text(env, value).unwrap_or_else(|| "a primitive value".to_owned())
+        }
+        // An Error reads as "Error: message" through its toString; anything else as its own
+        // toString, or its `message`; a revoked Proxy or an object whose every read throws
+        // says so.
+        _ => coerced_text(env, value)
+            .or_else(|| property_text(env, value, c"message"))
+            .unwrap_or_else(|| "an object that cannot be turned into text".to_owned()),
+    }
+}
+
+/// `String(value)`, or None when that throws.
+fn coerced_text(env: &Env, value: sys::napi_value) -> Option<String> {
+    let mut text = std::ptr::null_mut();
+    if unsafe { sys::napi_coerce_to_string(env.raw(), value, &mut text) } != sys::Status::napi_ok {
+        clear_exception(env);
+        return None;
+    }
+    read_value::<String>(env, text).ok()
+}
+
+/// `value[name]` when it is a string, or None (absent, another type, or it threw).
+fn property_text(env: &Env, value: sys::napi_value, name: &std::ffi::CStr) -> Option<String> {
+    let mut property = std::ptr::null_mut();
+    if unsafe { sys::napi_get_named_property(env.raw(), value, name.as_ptr(), &mut property) }
+        != sys::Status::napi_ok
+    {
+        clear_exception(env);
+        return None;
+    }
+    let mut kind = sys::ValueType::napi_undefined;
+    if unsafe { sys::napi_typeof(env.raw(), property, &mut kind) } != sys::Status::napi_ok
+        || kind != sys::ValueType::napi_string
+    {
+        return None;
+    }
+    read_value::<String>(env, property).ok()
+}
+
+fn clear_exception(env: &Env) {
+    let mut pending = false;
+    if unsafe { sys::napi_is_exception_pending(env.raw(), &mut pending) } == sys::Status::napi_ok
+        && pending
+    {
+        let mut thrown = std::ptr::null_mut();
+        unsafe { sys::napi_get_and_clear_last_exception(env.raw(), &mut thrown) };
     }
 }
 

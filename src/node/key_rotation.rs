@@ -8,7 +8,8 @@ use napi_derive::napi;
 
 use super::adapters::JsRegistry;
 use super::config::Fields;
-use super::js::{JsThread, Liveness};
+use super::js::JsThread;
+use super::lifetime::Liveness;
 use crate::core::credentials::Credentials;
 use crate::core::key_rotation::{KeyRotation, KeyRotationConfig};
 
@@ -39,13 +40,31 @@ impl KeyRotationCore {
         })
     }
 
-    pub fn start(&self, env: &Env) -> Result<()> {
-        self.live.start(env, || self.core.start())
+    /// Starts; while running, the service (and `wrapper`, its JS object) is a GC root and
+    /// keeps the process alive, until `stop()` or the end of the environment.
+    pub fn start(self: &Arc<Self>, env: &Env, wrapper: Option<&Object<'_>>) -> Result<()> {
+        let weak = Arc::downgrade(self);
+        self.live.start(
+            env,
+            wrapper,
+            || self.core.start(),
+            move || {
+                if let Some(service) = weak.upgrade() {
+                    service.core.stop();
+                    service.live.abandon();
+                }
+            },
+        )
     }
 
-    pub fn stop(&self) {
+    /// Roots a wrapper handed out for this service while it runs.
+    pub fn root(&self, wrapper: &Object<'_>) -> Result<()> {
+        self.live.root(wrapper)
+    }
+
+    pub fn stop(&self, env: &Env) {
         self.core.stop();
-        self.live.release();
+        self.live.release(env);
     }
 }
 
@@ -60,7 +79,7 @@ impl KeyRotationService {
     #[napi(constructor)]
     pub fn new(env: Env, config: Unknown) -> Result<Self> {
         let fields = Fields::new(&env, "KeyRotationService", Some(config), false)?;
-        let agent_id = fields.required_string("agentId")?;
+        let agent_id = fields.required_agent_id("agentId")?;
         let registry = fields
             .object_with("registry", &["get", "rotateKey"])?
             .ok_or_else(|| {
@@ -84,14 +103,14 @@ impl KeyRotationService {
 
     /// Starts checking: the first check 5 s from now, then every `checkIntervalMs`.
     #[napi]
-    pub fn start(&self, env: Env) -> Result<()> {
-        self.inner.start(&env)
+    pub fn start(&self, env: Env, this: This) -> Result<()> {
+        self.inner.start(&env, Some(&this))
     }
 
     /// Stops, including a first check still pending.
     #[napi]
-    pub fn stop(&self) {
-        self.inner.stop();
+    pub fn stop(&self, env: Env) {
+        self.inner.stop(&env);
     }
 
     #[napi]

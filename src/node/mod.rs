@@ -1,6 +1,8 @@
 //! The Node-API boundary: one file per exported class, thin over [`crate::core`].
 //!
 //! - [`js`]: calling JS from tokio (the job queue, keep-alive, promises, lenient values).
+//! - [`lifetime`]: a started service is a GC root until `stop()`, and stops with its
+//!   environment.
 //! - [`config`]: reading config objects with `TypeError`s that name the field.
 //! - [`adapters`]: JS handler, transport and registry objects as core traits.
 //! - [`poller`], [`heartbeat`], [`key_rotation`]: the exported service classes.
@@ -13,6 +15,7 @@ mod config;
 mod heartbeat;
 mod js;
 mod key_rotation;
+mod lifetime;
 mod poller;
 mod runtime;
 mod sse;

@@ -10,7 +10,8 @@ use napi_derive::napi;
 
 use super::adapters::{HandlerRef, JsHandler, JsMessage, JsTransport};
 use super::config::Fields;
-use super::js::{JsThread, Liveness, type_error};
+use super::js::{JsThread, type_error};
+use super::lifetime::Liveness;
 use super::runtime_context;
 use crate::core::credentials::{ApiKey, Credentials};
 use crate::core::poller::{Poller, PollerConfig, PollerStatus};
@@ -116,8 +117,26 @@ impl PollerCore {
             .set_handler(Arc::new(JsHandler::new(function, self.js.clone())));
     }
 
-    pub fn start(&self, env: &Env) -> Result<()> {
-        self.live.start(env, || self.core.start())
+    /// Starts the loops; while they run, the poller (and `wrapper`, its JS object, when
+    /// given) is a GC root and keeps the process alive, until `stop()` or the end of the
+    /// environment.
+    pub fn start(self: &Arc<Self>, env: &Env, wrapper: Option<&Object<'_>>) -> Result<()> {
+        let weak = Arc::downgrade(self);
+        self.live.start(
+            env,
+            wrapper,
+            || self.core.start(),
+            move || {
+                if let Some(poller) = weak.upgrade() {
+                    poller.teardown();
+                }
+            },
+        )
+    }
+
+    /// Roots a wrapper handed out for this poller while it runs.
+    pub fn root(&self, wrapper: &Object<'_>) -> Result<()> {
+        self.live.root(wrapper)
     }
 
     /// Stops at once; what was handled but not yet acked is acked on the way out: through
@@ -125,7 +144,7 @@ impl PollerCore {
     /// natively in the returned future, which the caller runs (before closing the transport).
     pub fn stop(&self, env: &Env) -> Option<BoxFuture<'static, ()>> {
         let handled = self.core.stop();
-        self.live.release();
+        self.live.release(env);
         if handled.is_empty() {
             return None;
         }
@@ -136,16 +155,33 @@ impl PollerCore {
                 }
                 None
             }
-            DirectPath::Native(source) => {
-                let source = source.clone();
-                // A poller started for the same agent waits for this ack before it polls.
-                let guard = crate::core::poller::final_ack_in_flight(&self.core.config().agent_id);
-                Some(Box::pin(async move {
-                    final_ack(source, handled).await;
-                    drop(guard);
-                }))
-            }
+            DirectPath::Native(source) => Some(self.final_ack_native(source.clone(), handled)),
         }
+    }
+
+    /// The environment that started the poller is going away: stop without calling into it.
+    /// A native source still gets its final ack; a JS transport cannot be called any more
+    /// (what it handled is offered again to the next runtime, at-least-once).
+    fn teardown(&self) {
+        let handled = self.core.stop();
+        self.live.abandon();
+        if let (false, DirectPath::Native(source)) = (handled.is_empty(), &self.direct) {
+            let ack = self.final_ack_native(source.clone(), handled);
+            runtime_context(|| tokio::spawn(ack));
+        }
+    }
+
+    fn final_ack_native(
+        &self,
+        source: Arc<dyn DirectSource>,
+        handled: Vec<String>,
+    ) -> BoxFuture<'static, ()> {
+        // A poller started for the same agent waits for this ack before it polls.
+        let guard = crate::core::poller::final_ack_in_flight(&self.core.config().agent_id);
+        Box::pin(async move {
+            final_ack(source, handled).await;
+            drop(guard);
+        })
     }
 }
 
@@ -190,7 +226,7 @@ impl AgentPoller {
     #[napi(constructor)]
     pub fn new(env: Env, config: Unknown) -> Result<Self> {
         let fields = Fields::new(&env, "AgentPoller", Some(config), false)?;
-        let agent_id = fields.required_string("agentId")?;
+        let agent_id = fields.required_agent_id("agentId")?;
         let api_key = fields.required_string("apiKey")?;
         let transport = fields.object_with("transport", &["poll"])?;
         let groups = fields
@@ -246,8 +282,8 @@ impl AgentPoller {
 
     /// Starts polling: one cycle now, then one per interval. Idempotent.
     #[napi]
-    pub fn start(&self, env: Env) -> Result<()> {
-        self.inner.start(&env)
+    pub fn start(&self, env: Env, this: This) -> Result<()> {
+        self.inner.start(&env, Some(&this))
     }
 
     /// Stops polling at once. Idempotent; no handler call after it returns.

@@ -20,6 +20,7 @@ use super::config::Fields;
 use super::heartbeat::{HeartbeatCore, HeartbeatService};
 use super::js::{JsThread, KeepAlive, type_error};
 use super::key_rotation::{KeyRotationCore, KeyRotationService};
+use super::lifetime::Liveness;
 use super::poller::{AgentPoller, DirectPath, PollerCore, PollerSettings};
 use super::runtime_context;
 use super::sse::{SseConnectionCore, SseConnectionService, SseSource, SseTarget, SseTransport};
@@ -162,6 +163,17 @@ struct Parts {
     bridges: Vec<RunningTask>,
 }
 
+impl Drop for Parts {
+    /// Parts dropped without `stop()` (a runtime that never reached JS: its environment went
+    /// away while `createRuntime` was pending): the bridges hold the poller, so they must not
+    /// run on.
+    fn drop(&mut self) {
+        for bridge in self.bridges.drain(..) {
+            bridge.stop();
+        }
+    }
+}
+
 /// The transport the runtime resolved itself, handed to JS once as `handle.transport`.
 type OwnTransport = Either3<HttpTransport, SseTransport, LocalTransport>;
 
@@ -169,7 +181,10 @@ type OwnTransport = Either3<HttpTransport, SseTransport, LocalTransport>;
 #[napi]
 pub struct NativeRuntime {
     agent_id: String,
-    parts: Mutex<Parts>,
+    parts: Arc<Mutex<Parts>>,
+    /// From creation to `stop()`: the runtime is a GC root (its JS object, and through it
+    /// every service) and stops with its environment.
+    live: Arc<Liveness>,
     own_transport: Mutex<Option<OwnTransport>>,
     handed: Mutex<Handed>,
     stopped: Mutex<bool>,
@@ -190,55 +205,78 @@ impl NativeRuntime {
         self.agent_id.clone()
     }
 
-    #[napi]
-    pub fn take_poller(&self) -> Option<AgentPoller> {
-        let parts = lock(&self.parts);
-        let mut handed = lock(&self.handed);
-        (!std::mem::replace(&mut handed.poller, true))
-            .then(|| parts.poller.clone().map(|inner| AgentPoller { inner }))?
+    /// The poller, once; rooted like the runtime while it runs.
+    #[napi(ts_return_type = "AgentPoller | null")]
+    pub fn take_poller<'env>(&self, env: &'env Env) -> Result<Option<Object<'env>>> {
+        let Some(inner) = self.hand_out(|h| &mut h.poller, |p| p.poller.clone()) else {
+            return Ok(None);
+        };
+        let object = AgentPoller {
+            inner: inner.clone(),
+        }
+        .into_instance(env)?
+        .as_object(env);
+        inner.root(&object)?;
+        Ok(Some(object))
     }
 
-    #[napi]
-    pub fn take_heartbeat(&self) -> Option<HeartbeatService> {
-        let parts = lock(&self.parts);
-        let mut handed = lock(&self.handed);
-        (!std::mem::replace(&mut handed.heartbeat, true)).then(|| {
-            parts
-                .heartbeat
-                .clone()
-                .map(|inner| HeartbeatService { inner })
-        })?
+    #[napi(ts_return_type = "HeartbeatService | null")]
+    pub fn take_heartbeat<'env>(&self, env: &'env Env) -> Result<Option<Object<'env>>> {
+        let Some(inner) = self.hand_out(|h| &mut h.heartbeat, |p| p.heartbeat.clone()) else {
+            return Ok(None);
+        };
+        let object = HeartbeatService {
+            inner: inner.clone(),
+        }
+        .into_instance(env)?
+        .as_object(env);
+        inner.root(&object)?;
+        Ok(Some(object))
     }
 
-    #[napi]
-    pub fn take_key_rotation(&self) -> Option<KeyRotationService> {
-        let parts = lock(&self.parts);
-        let mut handed = lock(&self.handed);
-        (!std::mem::replace(&mut handed.key_rotation, true)).then(|| {
-            parts
-                .key_rotation
-                .clone()
-                .map(|inner| KeyRotationService { inner })
-        })?
+    #[napi(ts_return_type = "KeyRotationService | null")]
+    pub fn take_key_rotation<'env>(&self, env: &'env Env) -> Result<Option<Object<'env>>> {
+        let Some(inner) = self.hand_out(|h| &mut h.key_rotation, |p| p.key_rotation.clone()) else {
+            return Ok(None);
+        };
+        let object = KeyRotationService {
+            inner: inner.clone(),
+        }
+        .into_instance(env)?
+        .as_object(env);
+        inner.root(&object)?;
+        Ok(Some(object))
     }
 
     /// The SSE connection service, or null when no SSE endpoint is known.
-    #[napi]
-    pub fn take_sse_connection(&self) -> Option<SseConnectionService> {
-        let parts = lock(&self.parts);
-        let mut handed = lock(&self.handed);
-        (!std::mem::replace(&mut handed.sse, true)).then(|| {
-            parts
-                .sse
-                .clone()
-                .map(|inner| SseConnectionService { inner })
-        })?
+    #[napi(ts_return_type = "SseConnectionService | null")]
+    pub fn take_sse_connection<'env>(&self, env: &'env Env) -> Result<Option<Object<'env>>> {
+        let Some(inner) = self.hand_out(|h| &mut h.sse, |p| p.sse.clone()) else {
+            return Ok(None);
+        };
+        let object = SseConnectionService {
+            inner: inner.clone(),
+        }
+        .into_instance(env)?
+        .as_object(env);
+        inner.root(&object)?;
+        Ok(Some(object))
     }
 
-    /// The transport the runtime resolved itself (null when the caller gave one).
+    /// The transport the runtime resolved itself (null when the caller gave one); rooted
+    /// with the runtime until `stop()`, like the services.
     #[napi(ts_return_type = "HttpTransport | SseTransport | LocalTransport | null")]
-    pub fn take_transport(&self) -> Option<OwnTransport> {
-        lock(&self.own_transport).take()
+    pub fn take_transport<'env>(&self, env: &'env Env) -> Result<Option<Object<'env>>> {
+        let Some(transport) = lock(&self.own_transport).take() else {
+            return Ok(None);
+        };
+        let object = match transport {
+            Either3::A(http) => http.into_instance(env)?.as_object(env),
+            Either3::B(sse) => sse.into_instance(env)?.as_object(env),
+            Either3::C(local) => local.into_instance(env)?.as_object(env),
+        };
+        self.live.root(&object)?;
+        Ok(Some(object))
     }
 
     /// Stops everything, in order: SSE connection, heartbeat, key rotation, poller,
@@ -248,7 +286,8 @@ impl NativeRuntime {
         if std::mem::replace(&mut *lock(&self.stopped), true) {
             return;
         }
-        let parts = std::mem::take(&mut *lock(&self.parts));
+        self.live.release(&env);
+        let mut parts = std::mem::take(&mut *lock(&self.parts));
         if let Some(sse) = &parts.sse {
             match sse.stop(&env) {
                 Ok(stopped) => {
@@ -266,10 +305,10 @@ impl NativeRuntime {
             }
         }
         if let Some(heartbeat) = &parts.heartbeat {
-            heartbeat.stop();
+            heartbeat.stop(&env);
         }
         if let Some(rotation) = &parts.key_rotation {
-            rotation.stop();
+            rotation.stop(&env);
         }
         let final_ack = parts.poller.as_ref().and_then(|poller| poller.stop(&env));
         if let Some(transport) = &parts.js_transport
@@ -296,9 +335,48 @@ impl NativeRuntime {
                 }
             })
         });
-        for bridge in parts.bridges {
+        for bridge in std::mem::take(&mut parts.bridges) {
             bridge.stop();
         }
+    }
+}
+
+impl NativeRuntime {
+    /// The part `pick` selects, the first time it is asked for.
+    fn hand_out<T>(
+        &self,
+        flag: impl FnOnce(&mut Handed) -> &mut bool,
+        pick: impl FnOnce(&Parts) -> Option<T>,
+    ) -> Option<T> {
+        let parts = lock(&self.parts);
+        let mut handed = lock(&self.handed);
+        (!std::mem::replace(flag(&mut handed), true)).then(|| pick(&parts))?
+    }
+
+    /// Roots the runtime's JS object and holds the process from now until `stop()`; if the
+    /// environment goes away first, what the services do not stop themselves stops here.
+    fn hold(&self, env: &Env, wrapper: &Object<'_>) -> Result<()> {
+        let (parts, live) = (Arc::downgrade(&self.parts), Arc::downgrade(&self.live));
+        self.live.hold(env, Some(wrapper), move || {
+            // The services (poller, heartbeat, key rotation, SSE) have their own teardowns;
+            // the bridges and the native transports' connections are the runtime's.
+            if let Some(parts) = parts.upgrade() {
+                let parts = std::mem::take(&mut *lock(&parts));
+                if let Some(slot) = &parts.http_slot {
+                    lock(slot).take();
+                }
+                if let Some(slot) = &parts.local_slot {
+                    lock(slot).take();
+                }
+                if let Some(local) = parts.local.clone() {
+                    runtime_context(|| tokio::spawn(async move { local.disconnect().await }));
+                }
+                drop(parts);
+            }
+            if let Some(live) = live.upgrade() {
+                live.abandon();
+            }
+        })
     }
 }
 
@@ -308,7 +386,7 @@ pub fn start_runtime<'env>(
     env: &'env Env,
     registry: Unknown<'env>,
     config: Option<Unknown<'env>>,
-) -> Result<PromiseRaw<'env, NativeRuntime>> {
+) -> Result<PromiseRaw<'env, Object<'env>>> {
     let registry = match registry.get_type()? {
         ValueType::Object => unsafe { Object::from_napi_value(env.raw(), registry.raw())? },
         _ => {
@@ -342,7 +420,7 @@ pub fn start_runtime<'env>(
         ));
     }
     let settings = RuntimeSettings {
-        agent_id: fields.string("agentId")?,
+        agent_id: fields.agent_id("agentId", false)?,
         poll_interval: fields.positive_ms("pollIntervalMs")?,
         group_conversation_ids: fields
             .string_array("groupConversationIds")?
@@ -364,19 +442,64 @@ pub fn start_runtime<'env>(
     let registry = Arc::new(JsRegistry::new(&registry, js.clone())?);
     // The pending registry and connect calls must not let the process exit under us.
     let keep_alive = KeepAlive::new(env)?;
-    env.spawn_future(async move {
-        let _keep_alive = keep_alive;
-        build(settings, registry, js)
-            .await
-            .map_err(|e| Error::new(Status::GenericFailure, e))
-    })
+    env.spawn_future_with_callback(
+        async move {
+            let _keep_alive = keep_alive;
+            build(settings, registry, js).await
+        },
+        // On the JS thread, as the runtime becomes a JS object: from here until `stop()` the
+        // object is a GC root, so a caller that keeps no reference still has a running daemon.
+        |env, runtime: NativeRuntime| {
+            let instance = runtime.into_instance(env)?;
+            let object = instance.as_object(env);
+            instance.hold(env, &object)?;
+            Ok(object)
+        },
+    )
 }
 
 async fn build(
     settings: RuntimeSettings,
     registry: Arc<JsRegistry>,
     js: JsThread,
-) -> std::result::Result<NativeRuntime, String> {
+) -> Result<NativeRuntime> {
+    match build_runtime(settings, registry, js.clone()).await {
+        Ok(runtime) => Ok(runtime),
+        Err(Failure::Message(why)) => Err(Error::new(Status::GenericFailure, why)),
+        // A TypeError, as a config error is elsewhere: made on the JS thread, so the
+        // rejection is that very object.
+        Err(Failure::Type(why)) => Err(js
+            .run(move |env| {
+                let raw = unsafe {
+                    napi::JsTypeError::from(Error::new(Status::InvalidArg, why))
+                        .into_value(env.raw())
+                };
+                Ok(Error::from(unsafe {
+                    Unknown::from_raw_unchecked(env.raw(), raw)
+                }))
+            })
+            .await
+            .unwrap_or_else(|e| Error::new(Status::InvalidArg, e.to_string()))),
+    }
+}
+
+/// Why `createRuntime` rejects: a plain `Error`, or a `TypeError` (a bad credential field).
+enum Failure {
+    Message(String),
+    Type(String),
+}
+
+impl From<String> for Failure {
+    fn from(why: String) -> Self {
+        Failure::Message(why)
+    }
+}
+
+async fn build_runtime(
+    settings: RuntimeSettings,
+    registry: Arc<JsRegistry>,
+    js: JsThread,
+) -> std::result::Result<NativeRuntime, Failure> {
     let credential = registry
         .credential(settings.agent_id.as_deref())
         .await
@@ -384,6 +507,14 @@ async fn build(
         .ok_or_else(|| NO_CREDENTIAL.to_owned())?;
     let credential =
         Credential::from_registry(credential).map_err(|e| format!("createRuntime: {e}"))?;
+    // An id no HTTP header can carry would make every request fail later, with the id in
+    // the error text; it is the registry's credential that is wrong, so it says so now.
+    if !crate::core::credentials::usable_agent_id(&credential.agent_id) {
+        return Err(Failure::Type(format!(
+            "createRuntime: the registry's credential.agentId must be {}",
+            crate::core::credentials::AGENT_ID_RULE
+        )));
+    }
     let credentials = Credentials::new(
         &credential.agent_id,
         ApiKey::new(credential.api_key.as_str()),
@@ -485,10 +616,10 @@ async fn build(
         poller_config.group_poll_limit = limit;
     }
     if !poller_config.group_conversation_ids.is_empty() && !credential.has_rest() {
-        return Err(format!(
+        return Err(Failure::Message(format!(
             "createRuntime: group conversations need an http(s) apiBaseUrl, the credential has {:?}",
             credential.api_base_url
-        ));
+        )));
     }
     let heartbeat_interval = match settings.heartbeat_interval {
         Some(Duration::ZERO) => None,
@@ -543,7 +674,7 @@ async fn build(
                 PollerSettings { config: poller_config, credentials: shared.clone(), api_base_url: api_base_url.clone(), rest: rest.clone(), direct: Some(direct) },
             )?;
             // Started now, so nothing that arrives is lost; without a handler it only waits.
-            poller.start(env)?;
+            poller.start(env, None)?;
             let mut bridges = Vec::new();
             let mut local_slot = None;
             let sse = match realtime {
@@ -557,7 +688,10 @@ async fn build(
                     Some((core, Some(client)))
                 }
                 Realtime::Js(factory, _) => {
-                    let created = factory.borrow_back(env)?.call(())?;
+                    let factory = factory.borrow_back(env)?;
+                    let factory = unsafe { Unknown::from_raw_unchecked(env.raw(), factory.raw()) };
+                    let created = super::js::call(env, factory, ())
+                        .map_err(|e| Error::new(Status::GenericFailure, format!("createSseTransport() failed: {}", super::js::describe(&e))))?;
                     if created.get_type()? != ValueType::Object {
                         return Err(Error::new(Status::InvalidArg, "createSseTransport() did not return a transport object".to_owned()));
                     }
@@ -569,7 +703,7 @@ async fn build(
                     let source = SseSource::Js { transport, connect_config: sse_connect, unsubscribe: Mutex::new(None) };
                     let core = SseConnectionCore::new(source, SseTarget::Poller(tx), name);
                     // Started without awaiting, as the old runtime did: a failure is logged.
-                    let started = core.start(env)?;
+                    let started = core.start(env, None)?;
                     runtime_context(|| {
                         tokio::spawn(async move {
                             if let Err(e) = started.await {
@@ -583,12 +717,12 @@ async fn build(
             let heartbeat = match (heartbeat_interval, local_beat, &rest) {
                 (Some(interval), Some(local), _) => {
                     let heartbeat = HeartbeatCore::local(local, interval);
-                    heartbeat.start(env)?;
+                    heartbeat.start(env, None)?;
                     Some(heartbeat)
                 }
                 (Some(interval), None, Some(rest)) => {
                     let heartbeat = HeartbeatCore::new(rest.clone(), interval)?;
-                    heartbeat.start(env)?;
+                    heartbeat.start(env, None)?;
                     Some(heartbeat)
                 }
                 _ => None,
@@ -596,7 +730,7 @@ async fn build(
             let key_rotation = match rotation {
                 Some(config) => {
                     let rotation = KeyRotationCore::new(registry, Some(shared), config);
-                    rotation.start(env)?;
+                    rotation.start(env, None)?;
                     Some(rotation)
                 }
                 None => None,
@@ -631,7 +765,8 @@ async fn build(
     parts.local_slot = started.local_slot;
     Ok(NativeRuntime {
         agent_id,
-        parts: Mutex::new(parts),
+        parts: Arc::new(Mutex::new(parts)),
+        live: Arc::default(),
         own_transport: Mutex::new(started.own),
         handed: Mutex::new(Handed::default()),
         stopped: Mutex::new(false),

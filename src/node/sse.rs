@@ -20,7 +20,8 @@ use tokio::sync::Notify;
 
 use super::adapters::{HandlerRef, JsMessage, JsTransport};
 use super::config::Fields;
-use super::js::{JsThread, Lenient, Liveness, describe, type_error};
+use super::js::{JsThread, Lenient, Pending, describe, type_error};
+use super::lifetime::Liveness;
 use super::runtime_context;
 use super::transports::{PollOptions, PushOptions, PushResult};
 use crate::core::credentials::{ApiKey, Credentials};
@@ -87,21 +88,7 @@ impl SseSink for StreamInbox {
                 .js
                 .run(move |env| {
                     for subscriber in &subscribers {
-                        let handler = subscriber.borrow_back(env)?;
-                        match handler.call(JsMessage::from(message.clone())) {
-                            Ok(returned) if returned.is_promise()? => {
-                                // Observed, so a rejection is logged rather than unhandled.
-                                let promise = unsafe {
-                                    Promise::<UnknownReturnValue>::from_napi_value(
-                                        env.raw(),
-                                        returned.raw(),
-                                    )?
-                                };
-                                tokio_spawn_observe(promise);
-                            }
-                            Ok(_) => {}
-                            Err(e) => tracing::warn!(error = %describe(&e), "SSE subscriber threw"),
-                        }
+                        call_subscriber(env, subscriber, message.clone());
                     }
                     Ok(())
                 })
@@ -110,14 +97,33 @@ impl SseSink for StreamInbox {
     }
 }
 
-fn tokio_spawn_observe(promise: Promise<UnknownReturnValue>) {
-    runtime_context(|| {
-        tokio::spawn(async move {
-            if let Err(e) = promise.await {
-                tracing::warn!(error = %describe(&e), "SSE subscriber rejected");
-            }
-        })
+/// On the JS thread: one subscriber call. What it throws or rejects with is logged, never
+/// rethrown (see `js::call`), so one subscriber cannot cost another its message.
+fn call_subscriber(env: &Env, subscriber: &HandlerRef, message: ConduitMessage) {
+    let result = subscriber.borrow_back(env).and_then(|f| {
+        let f = unsafe { Unknown::from_raw_unchecked(env.raw(), f.raw()) };
+        super::js::call(env, f, JsMessage::from(message))
     });
+    match result {
+        Ok(returned) if returned.is_promise().unwrap_or(false) => {
+            match Pending::<UnknownReturnValue>::observe(env, returned) {
+                Ok(promise) => {
+                    runtime_context(|| {
+                        tokio::spawn(async move {
+                            if let Err(why) = promise.await {
+                                tracing::warn!(error = %why, "SSE subscriber rejected");
+                            }
+                        })
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %describe(&e), "SSE subscriber's promise cannot be observed")
+                }
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %describe(&e), "SSE subscriber threw"),
+    }
 }
 
 /// Handler calls of an `SseConnectionService` with its own handler: settled, and failed
@@ -141,7 +147,8 @@ pub struct SseTransport {
     connected: Arc<Mutex<Option<Connected>>>,
     shared_credentials: Option<Arc<Credentials>>,
     js: JsThread,
-    live: Liveness,
+    /// Held while connected: the open stream is a GC root and keeps the process alive.
+    live: Arc<Liveness>,
 }
 
 impl SseTransport {
@@ -178,7 +185,7 @@ impl SseTransport {
             }))),
             shared_credentials: None,
             js,
-            live: Liveness::default(),
+            live: Arc::default(),
         })
     }
 }
@@ -191,7 +198,7 @@ impl SseTransport {
             connected: Arc::default(),
             shared_credentials: None,
             js: JsThread::new(&env)?,
-            live: Liveness::default(),
+            live: Arc::default(),
         })
     }
 
@@ -210,6 +217,7 @@ impl SseTransport {
         &self,
         env: &'env Env,
         config: Unknown<'env>,
+        this: This<'env>,
     ) -> Result<PromiseRaw<'env, ()>> {
         let config =
             match super::transports::read_connect_config(env, "SseTransport.connect", config, true)
@@ -248,7 +256,17 @@ impl SseTransport {
             old.client.stop();
         }
         runtime_context(|| client.start(inbox));
-        self.live.hold(env)?;
+        let (connected, live) = (Arc::downgrade(&self.connected), Arc::downgrade(&self.live));
+        self.live.hold(env, Some(&this), move || {
+            if let Some(connected) = connected.upgrade()
+                && let Some(old) = lock(&connected).take()
+            {
+                old.client.stop();
+            }
+            if let Some(live) = live.upgrade() {
+                live.abandon();
+            }
+        })?;
         let mut states = client.states();
         env.spawn_future(async move {
             let _ =
@@ -263,7 +281,7 @@ impl SseTransport {
         if let Some(old) = lock(&self.connected).take() {
             old.client.stop();
         }
-        self.live.release();
+        self.live.release(env);
         env.spawn_future(async { Ok(()) })
     }
 
@@ -358,13 +376,8 @@ impl SseTransport {
         // What arrived before anyone subscribed goes to the first subscriber now.
         let backlog: Vec<ConduitMessage> = lock(&inbox.buffer).drain(..).collect();
         inbox.drained.notify_waiters();
-        if !backlog.is_empty() {
-            let handler = reference.borrow_back(env)?;
-            for m in backlog {
-                if let Err(e) = handler.call(JsMessage::from(m)) {
-                    tracing::warn!(error = %describe(&e), "SSE subscriber threw");
-                }
-            }
+        for m in backlog {
+            call_subscriber(env, &reference, m);
         }
         let weak = Arc::downgrade(&inbox);
         env.create_function_from_closure("unsubscribe", move |_ctx| {
@@ -461,12 +474,20 @@ impl SseConnectionCore {
         })
     }
 
-    /// Connects and subscribes (JS transport). The returned future does the waiting.
-    pub fn start(self: &Arc<Self>, env: &Env) -> Result<BoxFuture<'static, Result<()>>> {
+    /// Connects and subscribes (JS transport). The returned future does the waiting. While
+    /// running, the service (and `wrapper`) is a GC root and keeps the process alive.
+    pub fn start(
+        self: &Arc<Self>,
+        env: &Env,
+        wrapper: Option<&Object<'_>>,
+    ) -> Result<BoxFuture<'static, Result<()>>> {
         if std::mem::replace(&mut *lock(&self.running), true) {
+            if let Some(wrapper) = wrapper {
+                self.live.root(wrapper)?;
+            }
             return Ok(Box::pin(async { Ok(()) }));
         }
-        self.live.hold(env)?;
+        self.live.hold(env, wrapper, self.teardown())?;
         let this = self.clone();
         Ok(Box::pin(async move {
             let SseSource::Js {
@@ -517,8 +538,14 @@ impl SseConnectionCore {
         let forward =
             env.create_function_from_closure::<Unknown, (), _>("onSseMessage", move |ctx| {
                 let value: Unknown = ctx.get(0)?;
-                let lenient = unsafe { Lenient::from_napi_value(ctx.env.raw(), value.raw())? };
-                match message::from_transport_object(&lenient.0) {
+                // A value that cannot even be read (a Proxy whose traps throw) is malformed
+                // too: reported here, never thrown back at the transport that emitted it.
+                let read = unsafe { Lenient::from_napi_value(ctx.env.raw(), value.raw()) }
+                    .map_err(|e| super::js::take_exception(ctx.env).unwrap_or_else(|| describe(&e)))
+                    .and_then(|lenient| {
+                        message::from_transport_object(&lenient.0).map_err(|why| why.to_string())
+                    });
+                match read {
                     Ok(m) => forward_message(ctx.env, &target, &stats, m),
                     Err(why) => tracing::warn!(error = %why, "skipping a malformed SSE message"),
                 }
@@ -537,7 +564,7 @@ impl SseConnectionCore {
     /// happen now; the returned future waits for `disconnect()` to settle.
     pub fn stop(&self, env: &Env) -> Result<BoxFuture<'static, Result<()>>> {
         *lock(&self.running) = false;
-        self.live.release();
+        self.live.release(env);
         match &self.source {
             SseSource::Native { client } => {
                 client.stop();
@@ -550,7 +577,8 @@ impl SseConnectionCore {
             } => {
                 if let Some(unsubscribe) = lock(unsubscribe).take() {
                     let f = unsubscribe.borrow_back(env)?;
-                    if let Err(e) = f.call(()) {
+                    let f = unsafe { Unknown::from_raw_unchecked(env.raw(), f.raw()) };
+                    if let Err(e) = super::js::call(env, f, ()) {
                         tracing::warn!(error = %describe(&e), "SSE unsubscribe threw");
                     }
                 }
@@ -568,10 +596,30 @@ impl SseConnectionCore {
     }
 
     /// For the runtime's native stream, already started: running, and keeping Node alive.
-    pub fn mark_running(&self, env: &Env) -> Result<()> {
+    pub fn mark_running(self: &Arc<Self>, env: &Env) -> Result<()> {
         *lock(&self.running) = true;
-        self.live.hold(env)?;
+        self.live.hold(env, None, self.teardown())?;
         Ok(())
+    }
+
+    /// Roots a wrapper handed out for this service while it runs.
+    pub fn root(&self, wrapper: &Object<'_>) -> Result<()> {
+        self.live.root(wrapper)
+    }
+
+    /// What the end of the environment does: the native stream closes; a JS transport
+    /// cannot be called any more, so it is only forgotten (it dies with its environment).
+    fn teardown(self: &Arc<Self>) -> impl FnOnce() + Send + 'static {
+        let weak = Arc::downgrade(self);
+        move || {
+            if let Some(service) = weak.upgrade() {
+                *lock(&service.running) = false;
+                if let SseSource::Native { client } = &service.source {
+                    client.stop();
+                }
+                service.live.abandon();
+            }
+        }
     }
 
     pub fn set_handler(&self, handler: HandlerRef) {
@@ -620,34 +668,34 @@ fn forward_message(
                 );
                 return;
             };
-            let result = handler
-                .borrow_back(env)
-                .and_then(|h| h.call(JsMessage::from(message)));
-            match result {
-                Ok(returned) => {
-                    if returned.is_promise().unwrap_or(false)
-                        && let Ok(promise) = unsafe {
-                            Promise::<UnknownReturnValue>::from_napi_value(
-                                env.raw(),
-                                returned.raw(),
-                            )
-                        }
-                    {
-                        let stats = stats.clone();
-                        runtime_context(|| {
-                            tokio::spawn(async move {
-                                match promise.await {
-                                    Ok(_) => stats.delivered.fetch_add(1, Ordering::Relaxed),
-                                    Err(e) => {
-                                        tracing::warn!(error = %describe(&e), "SSE message handler rejected");
-                                        stats.failed.fetch_add(1, Ordering::Relaxed)
-                                    }
-                                };
-                            })
-                        });
-                    } else {
-                        stats.delivered.fetch_add(1, Ordering::Relaxed);
-                    }
+            let result = handler.borrow_back(env).and_then(|h| {
+                let h = unsafe { Unknown::from_raw_unchecked(env.raw(), h.raw()) };
+                super::js::call(env, h, JsMessage::from(message))
+            });
+            let observed = match result {
+                Ok(returned) if returned.is_promise().unwrap_or(false) => {
+                    Pending::<UnknownReturnValue>::observe(env, returned).map(Some)
+                }
+                Ok(_) => Ok(None),
+                Err(e) => Err(e),
+            };
+            match observed {
+                Ok(Some(promise)) => {
+                    let stats = stats.clone();
+                    runtime_context(|| {
+                        tokio::spawn(async move {
+                            match promise.await {
+                                Ok(_) => stats.delivered.fetch_add(1, Ordering::Relaxed),
+                                Err(why) => {
+                                    tracing::warn!(error = %why, "SSE message handler rejected");
+                                    stats.failed.fetch_add(1, Ordering::Relaxed)
+                                }
+                            };
+                        })
+                    });
+                }
+                Ok(None) => {
+                    stats.delivered.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
                     tracing::warn!(error = %describe(&e), "SSE message handler threw");
@@ -669,7 +717,7 @@ impl SseConnectionService {
     #[napi(constructor)]
     pub fn new(env: Env, config: Unknown) -> Result<Self> {
         let fields = Fields::new(&env, "SseConnectionService", Some(config), false)?;
-        let agent_id = fields.required_string("agentId")?;
+        let agent_id = fields.required_agent_id("agentId")?;
         let api_key = fields.required_string("apiKey")?;
         let api_base_url = fields.required_string("apiBaseUrl")?;
         let sse_endpoint = fields.url("sseEndpoint", false)?;
@@ -709,8 +757,8 @@ impl SseConnectionService {
     }
 
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn start<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
-        let started = self.inner.start(env)?;
+    pub fn start<'env>(&self, env: &'env Env, this: This<'env>) -> Result<PromiseRaw<'env, ()>> {
+        let started = self.inner.start(env, Some(&this))?;
         env.spawn_future(started)
     }
 

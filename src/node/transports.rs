@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::adapters::{JsHandler, JsMessage};
 use super::config::Fields;
 use super::js::{JsThread, KeepAlive};
+use super::lifetime::Liveness;
 use crate::core::credentials::{ApiKey, Credentials};
 use crate::core::delivery::{Handler, Outcome, Settled};
 use crate::core::local;
@@ -64,7 +65,7 @@ pub fn read_connect_config(
     rest: bool,
 ) -> Result<TransportConnectConfig> {
     let fields = Fields::new(env, owner, Some(value), false)?;
-    let agent_id = fields.required_string("agentId")?;
+    let agent_id = fields.required_agent_id("agentId")?;
     let (api_key, api_base_url) = match rest {
         true => (
             fields.required_string("apiKey")?,
@@ -296,6 +297,9 @@ pub struct LocalTransport {
     js: JsThread,
     subscriptions: Arc<Mutex<Vec<(u64, RunningTask)>>>,
     next_subscription: Mutex<u64>,
+    /// Held while a subscription is live: the transport is a GC root and keeps the process
+    /// alive, and the subscriptions stop with the environment.
+    live: Arc<Liveness>,
 }
 
 impl LocalTransport {
@@ -307,6 +311,7 @@ impl LocalTransport {
             js: JsThread::new(env)?,
             subscriptions: Arc::default(),
             next_subscription: Mutex::new(0),
+            live: Arc::default(),
         })
     }
 
@@ -336,6 +341,7 @@ impl LocalTransport {
             js: JsThread::new(&env)?,
             subscriptions: Arc::default(),
             next_subscription: Mutex::new(0),
+            live: Arc::default(),
         })
     }
 
@@ -396,16 +402,19 @@ impl LocalTransport {
         })
     }
 
-    #[napi]
-    pub async fn disconnect(&self) -> Result<()> {
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn disconnect<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
         for (_, task) in lock(&self.subscriptions).drain(..) {
             task.stop();
         }
+        self.live.release(env);
         let core = lock(&self.connected).take();
-        if let Some(core) = core {
-            core.disconnect().await;
-        }
-        Ok(())
+        env.spawn_future(async move {
+            if let Some(core) = core {
+                core.disconnect().await;
+            }
+            Ok(())
+        })
     }
 
     #[napi]
@@ -467,6 +476,7 @@ impl LocalTransport {
         &self,
         env: &'env Env,
         handler: Unknown<'env>,
+        this: This<'env>,
     ) -> Result<Function<'env, (), ()>> {
         if handler.get_type()? != ValueType::Function {
             return Err(super::js::type_error(
@@ -488,15 +498,39 @@ impl LocalTransport {
             *next
         };
         lock(&self.subscriptions).push((id, task));
-        let subscriptions = Arc::downgrade(&self.subscriptions);
-        env.create_function_from_closure("unsubscribe", move |_ctx| {
+        let (subscriptions, live) = (
+            Arc::downgrade(&self.subscriptions),
+            Arc::downgrade(&self.live),
+        );
+        self.live.hold(env, Some(&this), move || {
             if let Some(subscriptions) = subscriptions.upgrade() {
-                lock(&subscriptions).retain(|(sid, task)| {
+                for (_, task) in lock(&subscriptions).drain(..) {
+                    task.stop();
+                }
+            }
+            if let Some(live) = live.upgrade() {
+                live.abandon();
+            }
+        })?;
+        let (subscriptions, live) = (
+            Arc::downgrade(&self.subscriptions),
+            Arc::downgrade(&self.live),
+        );
+        env.create_function_from_closure("unsubscribe", move |ctx| {
+            if let Some(subscriptions) = subscriptions.upgrade() {
+                let mut subscriptions = lock(&subscriptions);
+                subscriptions.retain(|(sid, task)| {
                     if *sid == id {
                         task.token().cancel();
                     }
                     *sid != id
                 });
+                // The last subscription gone: the transport is an ordinary object again.
+                if subscriptions.is_empty()
+                    && let Some(live) = live.upgrade()
+                {
+                    live.release(ctx.env);
+                }
             }
             Ok(())
         })
