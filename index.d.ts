@@ -173,13 +173,16 @@ export interface RuntimeHandle {
   /** The agent this runtime runs as. */
   agentId: string;
   /** Stops everything (SSE, heartbeat, key rotation, poller, transport); never throws.
-   * Afterwards the process may exit by itself. */
+   * Afterwards the process may exit by itself. Until then the runtime runs whether or not
+   * this handle is still referenced (it is a GC root, like a timer), and it stops by itself
+   * when its worker thread (its Node environment) ends. */
   stop: () => void;
 }
 
 /** `new AgentPoller(config)`. */
 export interface AgentPollerConfig {
-  /** The agent to poll for. */
+  /** The agent to poll for. Like every `agentId`: no newline, CR, NUL or other control
+   * character (it travels in the `X-Agent-Id` header); else a `TypeError`. */
   agentId: string;
   /** Its API key. */
   apiKey: string;
@@ -262,9 +265,12 @@ export declare class AgentPoller {
   constructor(config: AgentPollerConfig);
   /** Sets THE handler (a second call replaces the first). */
   onMessage(handler: MessageHandler | ((message: ConduitMessage) => Promise<void>)): void;
-  /** Starts polling: one cycle now, then one every `pollIntervalMs`. Idempotent. */
+  /** Starts polling: one cycle now, then one every `pollIntervalMs`. Idempotent. From here
+   * until `stop()` the poller is a GC root (like a timer): it runs without any reference to
+   * it, and stops by itself when its Node environment (worker thread) ends. */
   start(): void;
-  /** Stops at once. Idempotent; no handler call after it returns. */
+  /** Stops at once. Idempotent; no handler call after it returns. The poller, its handler
+   * and its transport are collectable again. */
   stop(): void;
   /** Counters and state. */
   status(): AgentPollerStatus;
@@ -286,7 +292,8 @@ export interface HeartbeatStatus {
  * agent's row of signaldock.db instead). */
 export declare class HeartbeatService {
   constructor(config: HeartbeatConfig);
-  /** One beat now, then one per interval; resets the failure count. Idempotent. */
+  /** One beat now, then one per interval; resets the failure count. Idempotent. A GC root
+   * until `stop()` (or the end of its Node environment). */
   start(): void;
   /** Stops. Idempotent. */
   stop(): void;
@@ -311,7 +318,8 @@ export interface KeyRotationStatus {
 /** Rotates the API key before it expires. */
 export declare class KeyRotationService {
   constructor(config: KeyRotationConfig);
-  /** First check 5 s from now, then every `checkIntervalMs`. Idempotent. */
+  /** First check 5 s from now, then every `checkIntervalMs`. Idempotent. A GC root until
+   * `stop()` (or the end of its Node environment), and so is its registry. */
   start(): void;
   /** Stops, including a pending first check. Idempotent. */
   stop(): void;
@@ -343,7 +351,8 @@ export declare class SseConnectionService {
   constructor(config: SseConnectionConfig);
   /** Sets the handler (also after start). */
   onMessage(handler: SseMessageHandler): void;
-  /** Connects the transport and subscribes. Idempotent. */
+  /** Connects the transport and subscribes. Idempotent. A GC root until `stop()` (or the end
+   * of its Node environment), and so are its transport and handler. */
   start(): Promise<void>;
   /** Unsubscribes and disconnects. */
   stop(): Promise<void>;
@@ -389,6 +398,8 @@ export interface SseTransportStatus {
 export declare class SseTransport implements Transport {
   constructor();
   readonly name: 'sse';
+  /** Opens the stream. While it is open (until `disconnect()`, or the end of its Node
+   * environment) the transport is a GC root and keeps the process alive. */
   connect(config: TransportConnectConfig): Promise<void>;
   disconnect(): Promise<void>;
   push(to: string, content: string, options?: { conversationId?: string; replyTo?: string }): Promise<{ messageId: string }>;
@@ -421,7 +432,9 @@ export declare class LocalTransport implements Transport {
   push(to: string, content: string, options?: { conversationId?: string; replyTo?: string }): Promise<{ messageId: string }>;
   poll(options?: { limit?: number; since?: string }): Promise<ConduitMessage[]>;
   ack(messageIds: string[]): Promise<void>;
-  /** Delivers pending messages as they are committed, acking each once its handler settled. */
+  /** Delivers pending messages as they are committed, acking each once its handler settled.
+   * While a subscription is live (until unsubscribed or `disconnect()`, or the end of its
+   * Node environment) the transport is a GC root and keeps the process alive. */
   subscribe(handler: (message: ConduitMessage) => void | Promise<void>): () => void;
 }
 
