@@ -188,7 +188,7 @@ impl<T: FromNapiValue + Send + 'static> Pending<T> {
         let rejected =
             env.create_function_from_closure::<Unknown, (), _>("cleoRejected", move |ctx| {
                 let reason: Unknown = ctx.get(0)?;
-                let why = describe_thrown(ctx.env, reason.raw());
+                let why = describe_rejection(ctx.env, reason.raw());
                 if let Some(tx) = lock(&on_rejected).take() {
                     let _ = tx.send(Err(why));
                 }
@@ -451,7 +451,12 @@ const MAX_THROWN_TEXT: usize = 2000;
 /// exception pending: every step that runs JS (`toString`, a getter, a Proxy trap) is tried,
 /// and what it throws is cleared and the next way tried.
 pub fn describe_thrown(env: &Env, value: sys::napi_value) -> String {
-    let mut text = describe_value(env, value);
+    let text = describe_value(env, value);
+    capped(env, text)
+}
+
+/// `text` cut to [`MAX_THROWN_TEXT`], with nothing left pending.
+fn capped(env: &Env, mut text: String) -> String {
     clear_exception(env);
     if text.len() > MAX_THROWN_TEXT {
         let mut cut = MAX_THROWN_TEXT;
@@ -462,6 +467,20 @@ pub fn describe_thrown(env: &Env, value: sys::napi_value) -> String {
         text.push('…');
     }
     text
+}
+
+/// Text for a rejection reason: an `Error`'s message alone (as a rejection has always read),
+/// anything else as [`describe_thrown`] describes it.
+fn describe_rejection(env: &Env, value: sys::napi_value) -> String {
+    let mut is_error = false;
+    if unsafe { sys::napi_is_error(env.raw(), value, &mut is_error) } == sys::Status::napi_ok
+        && is_error
+        && let Some(message) = property_text(env, value, c"message")
+        && !message.is_empty()
+    {
+        return capped(env, message);
+    }
+    describe_thrown(env, value)
 }
 
 fn describe_value(env: &Env, value: sys::napi_value) -> String {
