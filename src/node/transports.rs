@@ -332,7 +332,10 @@ impl LocalTransport {
 
 #[napi]
 impl LocalTransport {
-    #[napi(constructor, ts_args_type = "options?: import('./index').LocalTransportOptions")]
+    #[napi(
+        constructor,
+        ts_args_type = "options?: import('./index').LocalTransportOptions"
+    )]
     pub fn new(env: Env, options: Option<Unknown>) -> Result<Self> {
         let fields = Fields::new(&env, "LocalTransport", options, true)?;
         Ok(Self {
