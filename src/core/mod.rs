@@ -6,6 +6,8 @@
 //!   runtime so that a rotated key reaches all of them at once.
 //! - [`signaldock`]: the REST client (auth headers, timeouts, 401 retry with the other key,
 //!   `Retry-After`, base-URL failover, encoded path segments).
+//! - [`net`]: what every HTTP client shares: TLS trust (system roots, `NODE_EXTRA_CA_CERTS`,
+//!   `NODE_TLS_REJECT_UNAUTHORIZED`), proxies, and TLS failures named in the log.
 //! - [`local`]: the local SignalDock transport (`signaldock.db`, shared with other
 //!   processes), with a commit watcher for realtime delivery.
 //! - [`rows`]: salvaging the rows of a message list whose answer is not valid JSON as a whole.
@@ -26,6 +28,7 @@ pub mod key_rotation;
 pub mod local;
 pub mod mention;
 pub mod message;
+pub mod net;
 pub mod poller;
 pub mod rows;
 pub mod signaldock;

@@ -39,12 +39,11 @@ pub fn shared_http_client() -> reqwest::Client {
     static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
     CLIENT
         .get_or_init(|| {
-            reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .user_agent(concat!("cleo-runtime/", env!("CARGO_PKG_VERSION")))
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build()
-                .expect("the HTTP client builds with static settings")
+            super::net::client(|builder| {
+                builder
+                    .redirect(reqwest::redirect::Policy::none())
+                    .pool_idle_timeout(Duration::from_secs(30))
+            })
         })
         .clone()
 }
@@ -304,6 +303,7 @@ impl SignalDock {
     }
 
     fn transport_error(&self, err: &reqwest::Error) -> Error {
+        super::net::note_failure(err);
         if err.is_timeout() {
             return Error::Timeout;
         }

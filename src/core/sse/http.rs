@@ -5,7 +5,7 @@
 //! rustls configs from the process-default crypto provider, which does not exist once two
 //! providers are linked (reqwest brings aws-lc-rs, hyper-rustls ring), so it panicked on first
 //! use. reqwest names its provider, and the stream then gets the REST client's TLS roots,
-//! proxy settings and user agent. Its own client, though: the REST one follows redirects, and
+//! proxy settings and user agent ([`crate::core::net::client`]). Its own client, though: the REST one follows redirects, and
 //! a stream must not (the key would go wherever `Location` points).
 //!
 //! The transport is the one place that sees the request as it leaves, so it also marks the
@@ -31,13 +31,12 @@ pub fn stream_client() -> reqwest::Client {
     static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
     CLIENT
         .get_or_init(|| {
-            reqwest::Client::builder()
-                .user_agent(concat!("cleo-runtime/", env!("CARGO_PKG_VERSION")))
-                .redirect(reqwest::redirect::Policy::none())
-                .connect_timeout(REQUEST_TIMEOUT)
-                .tcp_keepalive(Duration::from_secs(30))
-                .build()
-                .expect("the HTTP client builds with static settings")
+            crate::core::net::client(|builder| {
+                builder
+                    .redirect(reqwest::redirect::Policy::none())
+                    .connect_timeout(REQUEST_TIMEOUT)
+                    .tcp_keepalive(Duration::from_secs(30))
+            })
         })
         .clone()
 }
@@ -91,7 +90,10 @@ impl HttpTransport for Guarded {
             if let Some(auth) = request.headers_mut().get_mut("authorization") {
                 auth.set_sensitive(true);
             }
-            let response = http.execute(request).await.map_err(TransportError::new)?;
+            let response = http.execute(request).await.map_err(|e| {
+                crate::core::net::note_failure(&e);
+                TransportError::new(e)
+            })?;
             let mut head = Response::builder()
                 .status(response.status())
                 .version(response.version());
