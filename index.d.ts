@@ -155,6 +155,9 @@ export interface RuntimeConfig {
   createSseTransport?: () => Transport;
   /** A transport not yet connected; createRuntime connects it. Default: resolved natively. */
   transport?: Transport;
+  /** Where this runtime's log records go; default the logger given to `setLogger`, else
+   * stderr. */
+  logger?: Logger | LogFunction | null;
 }
 
 /** What `createRuntime` resolves to. */
@@ -442,3 +445,36 @@ export declare class LocalTransport implements Transport {
  * credential, connects the transport, starts polling (handler-less until `onMessage`), the
  * heartbeat, key rotation and the SSE path. */
 export declare function createRuntime(registry: RuntimeRegistry, config?: RuntimeConfig): Promise<RuntimeHandle>;
+
+/** The level of a log record. */
+export type LogLevel = 'trace' | 'debug' | 'info' | 'warn' | 'error';
+
+/** One log record, as a `LogFunction` receives it. */
+export interface LogRecord {
+  level: LogLevel;
+  /** The Rust module that logged it, e.g. `cleo_runtime::core::sse`. */
+  target: string;
+  message: string;
+  /** The record's fields (`error`, `status`, …); a runtime's records also carry `agentId`. */
+  fields: Record<string, string | number | boolean | null>;
+}
+
+/** A logger object; pino, winston and `console` all fit. Called as
+ * `logger[level](message, fields)`, or `logger[level](fields, message)` when it has a
+ * `bindings()` method (pino). `trace` is used when present, else `debug`. */
+export interface Logger {
+  trace?(...args: any[]): unknown;
+  debug(...args: any[]): unknown;
+  info(...args: any[]): unknown;
+  warn(...args: any[]): unknown;
+  error(...args: any[]): unknown;
+}
+
+/** A function logger: called with each record. */
+export type LogFunction = (record: LogRecord) => unknown;
+
+/** Sends the log records of every runtime without its own `RuntimeConfig.logger` (and of
+ * standalone services) to `logger`; `null` or `undefined` sends them back to stderr. The
+ * level filter stays `CLEO_RUNTIME_LOG` (default `warn`). Throws a `TypeError` for anything
+ * that is not a logger. */
+export declare function setLogger(logger: Logger | LogFunction | null | undefined): void;

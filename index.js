@@ -73,3 +73,4 @@ module.exports.SseConnectionService = native.SseConnectionService;
 module.exports.HttpTransport = native.HttpTransport;
 module.exports.SseTransport = native.SseTransport;
 module.exports.LocalTransport = native.LocalTransport;
+module.exports.setLogger = native.setLogger;

@@ -7,12 +7,16 @@ import {
   KeyRotationService,
   SseConnectionService,
   createRuntime,
+  setLogger,
   type AgentCredential,
   type AgentPollerConfig,
   type AgentRegistryAPI,
   type ConduitMessage,
   type HeartbeatConfig,
   type KeyRotationConfig,
+  type LogFunction,
+  type LogRecord,
+  type Logger,
   type MessageHandler,
   type RuntimeConfig,
   type RuntimeHandle,
@@ -131,4 +135,29 @@ export function services(registry: AgentRegistryAPI): void {
 export async function partialRegistry(cred: AgentCredential): Promise<void> {
   const handle = await createRuntime({ get: async () => cred, getActive: async () => cred, rotateKey: async (agentId) => ({ agentId, newApiKey: 'n' }) });
   handle.stop();
+}
+
+/** A logger shaped like pino's: overloaded methods, (fields, message), `bindings()`. */
+interface PinoShaped {
+  bindings(): Record<string, unknown>;
+  trace: PinoLogFn; debug: PinoLogFn; info: PinoLogFn; warn: PinoLogFn; error: PinoLogFn;
+}
+interface PinoLogFn {
+  <T extends object>(obj: T, msg?: string, ...args: unknown[]): void;
+  (msg: string, ...args: unknown[]): void;
+}
+
+// The application's logger: console, a pino- or winston-shaped object, or a function.
+export function logging(registry: AgentRegistryAPI, pino: PinoShaped): void {
+  setLogger(console);
+  setLogger(pino);
+  const toStdout: LogFunction = (record: LogRecord) => {
+    const line: string = `${record.level} ${record.target} ${record.message} ${JSON.stringify(record.fields)}`;
+    process.stdout.write(`${line}\n`);
+  };
+  setLogger(toStdout);
+  setLogger(null);
+  const winstonShaped: Logger = { debug: (m: string, meta?: object) => { void [m, meta]; }, info() {}, warn() {}, error() {} };
+  void createRuntime(registry, { logger: winstonShaped }).then((h) => h.stop());
+  void createRuntime(registry, { logger: async (r) => { void r.fields.agentId; } }).then((h) => h.stop());
 }

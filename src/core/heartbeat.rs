@@ -62,6 +62,8 @@ pub struct Heartbeat {
     interval: Duration,
     counters: Arc<Counters>,
     task: Mutex<Option<RunningTask>>,
+    /// The span current at creation, which the loop logs in on every start.
+    span: tracing::Span,
 }
 
 impl Heartbeat {
@@ -71,6 +73,7 @@ impl Heartbeat {
             interval,
             counters: Arc::default(),
             task: Mutex::new(None),
+            span: tracing::Span::current(),
         }
     }
 
@@ -85,6 +88,7 @@ impl Heartbeat {
             .consecutive_failures
             .store(0, Ordering::Relaxed);
         let (beat, counters, interval) = (self.beat.clone(), self.counters.clone(), self.interval);
+        let _in_span = self.span.enter();
         *task = Some(RunningTask::spawn(move |token| {
             run(beat, counters, interval, token)
         }));

@@ -85,6 +85,8 @@ pub struct KeyRotation {
     config: KeyRotationConfig,
     state: Arc<State>,
     task: Mutex<Option<RunningTask>>,
+    /// The span current at creation, which the loop logs in on every start.
+    span: tracing::Span,
 }
 
 impl KeyRotation {
@@ -100,6 +102,7 @@ impl KeyRotation {
             config,
             state: Arc::default(),
             task: Mutex::new(None),
+            span: tracing::Span::current(),
         }
     }
 
@@ -114,6 +117,7 @@ impl KeyRotation {
             config: self.config.clone(),
             state: self.state.clone(),
         };
+        let _in_span = self.span.enter();
         *task = Some(RunningTask::spawn(move |token| run(check, token)));
         true
     }

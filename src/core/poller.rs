@@ -159,6 +159,9 @@ struct Running {
 pub struct Poller {
     shared: Arc<Shared>,
     running: Mutex<Option<Running>>,
+    /// The span current at creation: the loops log in it on every start (see
+    /// [`crate::logging::LogScope`]), whoever calls `start`.
+    span: tracing::Span,
 }
 
 impl Poller {
@@ -192,7 +195,13 @@ impl Poller {
                 queue: Mutex::new(None),
             }),
             running: Mutex::new(None),
+            span: tracing::Span::current(),
         }
+    }
+
+    /// The span the poller's loops run in.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
     }
 
     pub fn config(&self) -> &PollerConfig {
@@ -220,6 +229,7 @@ impl Poller {
         if running.is_some() {
             return false;
         }
+        let _in_span = self.span.enter();
         let (tx, rx) = mpsc::channel(DELIVERY_QUEUE);
         *lock(&self.shared.queue) = Some(tx.clone());
         let shared = self.shared.clone();

@@ -185,6 +185,8 @@ struct Shared {
 pub struct SseClient {
     shared: Arc<Shared>,
     task: Mutex<Option<RunningTask>>,
+    /// The span current at creation, which the loop logs in on every start.
+    span: tracing::Span,
 }
 
 impl SseClient {
@@ -203,6 +205,7 @@ impl SseClient {
                 warned_stream_auth: AtomicBool::new(false),
             }),
             task: Mutex::new(None),
+            span: tracing::Span::current(),
         }
     }
 
@@ -219,6 +222,7 @@ impl SseClient {
         }
         self.shared.state.send_replace(SseState::Connecting);
         let shared = self.shared.clone();
+        let _in_span = self.span.enter();
         *task = Some(RunningTask::spawn(move |token| run(shared, sink, token)));
         true
     }

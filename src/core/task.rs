@@ -4,11 +4,16 @@
 //! cancels the token (the loop leaves at its next await point) and aborts the task, because
 //! the loop may be parked on something that never finishes, such as a JavaScript promise
 //! that never settles: `stop()` must not wait for it.
+//!
+//! A task runs in the span that was current where it was spawned (tokio does not carry
+//! spans across `spawn` by itself): that is how a runtime's records reach its logger
+//! ([`crate::logging::LogScope`]).
 
 use std::future::Future;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 #[derive(Debug)]
 pub struct RunningTask {
@@ -17,14 +22,14 @@ pub struct RunningTask {
 }
 
 impl RunningTask {
-    /// Spawns `body(token)` on the current tokio runtime.
+    /// Spawns `body(token)` on the current tokio runtime, in the current span.
     pub fn spawn<F, Fut>(body: F) -> Self
     where
         F: FnOnce(CancellationToken) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let token = CancellationToken::new();
-        let handle = tokio::spawn(body(token.clone()));
+        let handle = tokio::spawn(body(token.clone()).in_current_span());
         Self { token, handle }
     }
 

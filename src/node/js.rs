@@ -55,14 +55,18 @@ pub struct JsThread {
 }
 
 impl JsThread {
+    /// Jobs run in the span current here (a runtime's [`crate::logging::LogScope`]), so what
+    /// they log reaches that runtime's logger.
     pub fn new(env: &Env) -> Result<Self> {
+        let span = tracing::Span::current();
         let noop = env.create_function_from_closure::<(), (), _>("cleoRuntimeJob", |_| Ok(()))?;
         let queue = noop
             .build_threadsafe_function::<Job>()
             .callee_handled::<false>()
             .weak::<true>()
             .max_queue_size::<QUEUE_SIZE>()
-            .build_callback(|ctx: ThreadsafeCallContext<Job>| {
+            .build_callback(move |ctx: ThreadsafeCallContext<Job>| {
+                let _in_span = span.enter();
                 (ctx.value)(&ctx.env);
                 // Whatever a job left pending would be rethrown into Node as uncaught (exit 1)
                 // when this callback returns: a job's errors are its caller's, never Node's.

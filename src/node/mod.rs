@@ -9,6 +9,7 @@
 //! - [`runtime`]: `createRuntime`, wiring the services around one shared credential.
 //! - [`transports`]: the native HTTP and local transports as JS classes.
 //! - [`sse`]: the native SSE transport and `SseConnectionService`.
+//! - [`logger`]: `setLogger` and `RuntimeConfig.logger`, log records into a JS logger.
 
 mod adapters;
 mod config;
@@ -16,6 +17,7 @@ mod heartbeat;
 mod js;
 mod key_rotation;
 mod lifetime;
+mod logger;
 mod poller;
 mod runtime;
 mod sse;

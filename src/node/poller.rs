@@ -290,7 +290,8 @@ impl AgentPoller {
     #[napi]
     pub fn stop(&self, env: Env) {
         if let Some(final_ack) = self.inner.stop(&env) {
-            runtime_context(|| tokio::spawn(final_ack));
+            let span = self.inner.core.span().clone();
+            runtime_context(|| tokio::spawn(tracing::Instrument::instrument(final_ack, span)));
         }
     }
 

@@ -14,6 +14,7 @@ use napi::Env;
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use serde_json::{Map, Value, json};
+use tracing::Instrument;
 
 use super::adapters::{JsRegistry, JsTransport};
 use super::config::Fields;
@@ -37,6 +38,7 @@ use crate::core::sse::{SseClient, SseConfig, SseSink, SseState};
 use crate::core::sync::lock;
 use crate::core::task::RunningTask;
 use crate::core::transport::PeekSource;
+use crate::logging::{LogScope, Sink};
 
 /// The exact message callers match on when no credential exists.
 pub const NO_CREDENTIAL: &str =
@@ -181,6 +183,8 @@ type OwnTransport = Either3<HttpTransport, SseTransport, LocalTransport>;
 #[napi]
 pub struct NativeRuntime {
     agent_id: String,
+    /// Where its services' records go (`config.logger`, else the process's logger).
+    log_scope: LogScope,
     parts: Arc<Mutex<Parts>>,
     /// From creation to `stop()`: the runtime is a GC root (its JS object, and through it
     /// every service) and stops with its environment.
@@ -287,16 +291,20 @@ impl NativeRuntime {
             return;
         }
         self.live.release(&env);
+        let _in_scope = self.log_scope.span().enter();
         let mut parts = std::mem::take(&mut *lock(&self.parts));
         if let Some(sse) = &parts.sse {
             match sse.stop(&env) {
                 Ok(stopped) => {
                     runtime_context(|| {
-                        tokio::spawn(async move {
-                            if let Err(e) = stopped.await {
-                                tracing::warn!(error = %super::js::describe(&e), "SSE connection stop failed");
+                        tokio::spawn(
+                            async move {
+                                if let Err(e) = stopped.await {
+                                    tracing::warn!(error = %super::js::describe(&e), "SSE connection stop failed");
+                                }
                             }
-                        })
+                            .in_current_span(),
+                        )
                     });
                 }
                 Err(e) => {
@@ -326,14 +334,17 @@ impl NativeRuntime {
         }
         let local = parts.local.clone();
         runtime_context(|| {
-            tokio::spawn(async move {
-                if let Some(final_ack) = final_ack {
-                    final_ack.await;
+            tokio::spawn(
+                async move {
+                    if let Some(final_ack) = final_ack {
+                        final_ack.await;
+                    }
+                    if let Some(local) = local {
+                        local.disconnect().await;
+                    }
                 }
-                if let Some(local) = local {
-                    local.disconnect().await;
-                }
-            })
+                .in_current_span(),
+            )
         });
         for bridge in std::mem::take(&mut parts.bridges) {
             bridge.stop();
@@ -405,6 +416,12 @@ pub fn start_runtime<'env>(
         ));
     }
     let fields = Fields::new(env, "createRuntime", config, true)?;
+    // Everything the runtime makes from here on (its JS thread's jobs, its services' loops)
+    // runs in its log scope, so its records go to `config.logger` when there is one.
+    let logger = super::logger::read(env, fields.raw("logger")?, "createRuntime: config.logger")?;
+    let log_scope = LogScope::new(logger.map(|l| l as Arc<dyn Sink>));
+    let span = log_scope.span().clone();
+    let _in_scope = span.enter();
     let js = JsThread::new(env)?;
     let transport = match fields.object_with("transport", &["connect", "poll"])? {
         Some(object) => Some(Arc::new(JsTransport::new(&object, js.clone())?)),
@@ -445,8 +462,9 @@ pub fn start_runtime<'env>(
     env.spawn_future_with_callback(
         async move {
             let _keep_alive = keep_alive;
-            build(settings, registry, js).await
-        },
+            build(settings, registry, js, log_scope).await
+        }
+        .instrument(span.clone()),
         // On the JS thread, as the runtime becomes a JS object: from here until `stop()` the
         // object is a GC root, so a caller that keeps no reference still has a running daemon.
         |env, runtime: NativeRuntime| {
@@ -462,8 +480,9 @@ async fn build(
     settings: RuntimeSettings,
     registry: Arc<JsRegistry>,
     js: JsThread,
+    log_scope: LogScope,
 ) -> Result<NativeRuntime> {
-    match build_runtime(settings, registry, js.clone()).await {
+    match build_runtime(settings, registry, js.clone(), log_scope).await {
         Ok(runtime) => Ok(runtime),
         Err(Failure::Message(why)) => Err(Error::new(Status::GenericFailure, why)),
         // A TypeError, as a config error is elsewhere: made on the JS thread, so the
@@ -499,6 +518,7 @@ async fn build_runtime(
     settings: RuntimeSettings,
     registry: Arc<JsRegistry>,
     js: JsThread,
+    log_scope: LogScope,
 ) -> std::result::Result<NativeRuntime, Failure> {
     let credential = registry
         .credential(settings.agent_id.as_deref())
@@ -519,6 +539,7 @@ async fn build_runtime(
         &credential.agent_id,
         ApiKey::new(credential.api_key.as_str()),
     );
+    log_scope.bind(&credentials);
     let scrub = |text: String| credentials.scrub(&text);
     let fail = |what: &str, e: CoreError| scrub(format!("createRuntime: {what}: {e}"));
 
@@ -709,7 +730,7 @@ async fn build_runtime(
                             if let Err(e) = started.await {
                                 tracing::warn!(error = %super::js::describe(&e), "the SSE transport did not start; polling covers delivery");
                             }
-                        })
+                        }.in_current_span())
                     });
                     Some((core, None))
                 }
@@ -765,6 +786,7 @@ async fn build_runtime(
     parts.local_slot = started.local_slot;
     Ok(NativeRuntime {
         agent_id,
+        log_scope,
         parts: Arc::new(Mutex::new(parts)),
         live: Arc::default(),
         own_transport: Mutex::new(started.own),

@@ -109,11 +109,11 @@ fn call_subscriber(env: &Env, subscriber: &HandlerRef, message: ConduitMessage) 
             match Pending::<UnknownReturnValue>::observe(env, returned) {
                 Ok(promise) => {
                     runtime_context(|| {
-                        tokio::spawn(async move {
+                        tokio::spawn(tracing::Instrument::in_current_span(async move {
                             if let Err(why) = promise.await {
                                 tracing::warn!(error = %why, "SSE subscriber rejected");
                             }
-                        })
+                        }))
                     });
                 }
                 Err(e) => {
@@ -683,7 +683,7 @@ fn forward_message(
                 Ok(Some(promise)) => {
                     let stats = stats.clone();
                     runtime_context(|| {
-                        tokio::spawn(async move {
+                        tokio::spawn(tracing::Instrument::in_current_span(async move {
                             match promise.await {
                                 Ok(_) => stats.delivered.fetch_add(1, Ordering::Relaxed),
                                 Err(why) => {
@@ -691,7 +691,7 @@ fn forward_message(
                                     stats.failed.fetch_add(1, Ordering::Relaxed)
                                 }
                             };
-                        })
+                        }))
                     });
                 }
                 Ok(None) => {
