@@ -14,7 +14,8 @@
 //!   objects (handlers, transports, registries) to core traits through threadsafe
 //!   functions, and owns what keeps the Node process alive while a service runs.
 //!
-//! Logging goes through `tracing`; [`logging`] installs the stderr subscriber.
+//! Logging goes through `tracing`; [`logging`] routes each record to a runtime's logger, the
+//! process's, or stderr.
 
 pub mod core;
 pub mod logging;
