@@ -284,7 +284,7 @@ fn failed(health: &Health, why: &str) {
         level: Level::WARN,
         target: module_path!().to_owned(),
         message: format!(
-            "the application's logger threw or rejected ({why}); the records it fails on are written here instead, and this is said once"
+            "the application's logger threw or rejected ({why}); records it throws on are written here instead; said once per logger"
         ),
         fields: Map::new(),
     });
