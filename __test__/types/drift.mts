@@ -23,4 +23,6 @@ export type Checks = [
   Assert<Fits<ConstructorParameters<typeof Declared.HeartbeatService>, ConstructorParameters<typeof Native.HeartbeatService>>>,
   Assert<Fits<ConstructorParameters<typeof Declared.KeyRotationService>, ConstructorParameters<typeof Native.KeyRotationService>>>,
   Assert<Fits<ConstructorParameters<typeof Declared.SseConnectionService>, ConstructorParameters<typeof Native.SseConnectionService>>>,
+  // The exported functions the entry passes through unchanged.
+  Assert<Fits<typeof Native.setLogger, typeof Declared.setLogger>>,
 ];

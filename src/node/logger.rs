@@ -293,7 +293,7 @@ fn failed(health: &Health, why: &str) {
 /// Sends the runtime's log records (those of runtimes without their own
 /// `RuntimeConfig.logger`) to `logger`; `null` or `undefined` sends them back to stderr.
 #[napi(
-    ts_args_type = "logger: Logger | LogFunction | null | undefined",
+    ts_args_type = "logger: import('./index').Logger | import('./index').LogFunction | null | undefined",
     ts_return_type = "void"
 )]
 pub fn set_logger(env: Env, logger: Option<Unknown<'_>>) -> Result<()> {
