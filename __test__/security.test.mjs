@@ -183,6 +183,40 @@ describe('API keys never leak', () => {
   }, 30_000);
 });
 
+describe('keys quoted back by JS', () => {
+  it('a handler or transport error that quotes the key never reaches status().lastError or the log with it', async () => {
+    const source = `
+      import { AgentPoller } from '@cleocode/runtime';
+      const KEY = ${JSON.stringify(KEY)};
+      const transport = {
+        name: 'quoting',
+        n: 0,
+        async poll() {
+          this.n += 1;
+          if (this.n === 1) throw new Error('transport refused key ' + KEY);
+          return this.n === 2 ? [{ id: 'm1', from: 'bob', content: 'x', timestamp: new Date().toISOString() }] : [];
+        },
+        async ack() {},
+      };
+      const p = new AgentPoller({ agentId: 'alice', apiKey: KEY, apiBaseUrl: 'local', pollIntervalMs: 50, transport });
+      const seen = [];
+      p.onMessage(() => { throw new Error('handler saw ' + KEY); });
+      p.start();
+      while (p.status().failed < 1) { seen.push(p.status().lastError); await new Promise((r) => setTimeout(r, 10)); }
+      seen.push(p.status().lastError);
+      p.stop();
+      console.log(JSON.stringify(seen.filter(Boolean)));
+    `;
+    const { code, stdout, stderr } = await runChild(source, { env: { CLEO_RUNTIME_LOG: 'trace' } });
+    expect(code, stderr).toBe(0);
+    const errors = JSON.parse(stdout.trim());
+    expect(errors.some((e) => e.startsWith('handler:'))).toBe(true);
+    expect(errors.some((e) => e.includes('transport refused key'))).toBe(true);
+    expect(keyHits(stdout)).toEqual([]);
+    expect(keyHits(stderr)).toEqual([]);
+  });
+});
+
 describe('ids stay inside their path segment', () => {
   const nasty = ['a/b', '..x', 'x..', 'q?x=1', 'h#frag', '100%', '%2F', 'with space', 'zoë', '日本', 'a/../b', '?#%/ ü'];
 

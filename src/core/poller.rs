@@ -35,6 +35,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::clock;
+use super::credentials::Credentials;
 use super::dedup::{CopyTwins, Fingerprint, SeenWindow};
 use super::delivery::{Handler, Outcome, Settled};
 use super::error::Error;
@@ -148,6 +149,9 @@ struct Shared {
     in_queue: AtomicUsize,
     /// The delivery loop's token, for deliveries made outside it.
     delivery_token: Mutex<Option<CancellationToken>>,
+    /// The agent's keys, scrubbed from every error text: a handler's error or a JS
+    /// transport's can quote the key.
+    secrets: Option<Arc<Credentials>>,
 }
 
 struct Running {
@@ -193,10 +197,19 @@ impl Poller {
                 in_queue: AtomicUsize::new(0),
                 delivery_token: Mutex::new(None),
                 queue: Mutex::new(None),
+                secrets: None,
             }),
             running: Mutex::new(None),
             span: tracing::Span::current(),
         }
+    }
+
+    /// Scrubs `credentials`' keys from every error text this poller logs or reports.
+    pub fn with_secrets(mut self, credentials: Arc<Credentials>) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.secrets = Some(credentials);
+        }
+        self
     }
 
     /// The span the poller's loops run in.
@@ -342,8 +355,16 @@ impl Shared {
     }
 
     fn record_error(&self, track: &str, err: &Error) {
-        tracing::debug!(track, error = %err, "poll track failed");
-        *lock(&self.stats.last_error) = Some(format!("{track}: {err}"));
+        let text = self.scrub(format!("{track}: {err}"));
+        tracing::debug!(error = %text, "poll track failed");
+        *lock(&self.stats.last_error) = Some(text);
+    }
+
+    fn scrub(&self, text: String) -> String {
+        match &self.secrets {
+            Some(credentials) => credentials.scrub(&text),
+            None => text,
+        }
     }
 
     /// Keeps the messages neither seen nor queued before, by [`ConduitMessage::dedup_key`],
@@ -989,6 +1010,7 @@ async fn deliver_batch(
             match outcome {
                 Outcome::Handled => shared.stats.delivered.fetch_add(1, Ordering::Relaxed),
                 Outcome::Failed(why) => {
+                    let why = shared.scrub(why);
                     tracing::warn!(message_id = id, error = %why, "message handler failed");
                     *lock(&shared.stats.last_error) = Some(format!("handler: {why}"));
                     shared.stats.failed.fetch_add(1, Ordering::Relaxed)

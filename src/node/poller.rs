@@ -105,7 +105,7 @@ impl PollerCore {
             DirectPath::Native(s) => s.clone(),
         };
         Ok(Arc::new(Self {
-            core: Poller::new(config, source, groups),
+            core: Poller::new(config, source, groups).with_secrets(credentials.clone()),
             direct,
             js,
             live: Liveness::default(),
