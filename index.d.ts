@@ -263,6 +263,18 @@ export interface AgentPollerStatus {
   pendingAcks: number;
 }
 
+/** What `AgentPoller.pollNow()` resolves with. */
+export interface PollNowResult {
+  /** Handler calls that returned or resolved between the call and the answer (whichever
+   * path brought the message). */
+  handled: number;
+  /** Handler calls that threw or rejected in the same span. */
+  failed: number;
+  /** Tracks that failed or waited out a `Retry-After` (`direct: …`, `group <id>: …`),
+   * without secrets; empty when every track answered. */
+  errors: string[];
+}
+
 /** Polls SignalDock for direct messages and group @mentions. */
 export declare class AgentPoller {
   constructor(config: AgentPollerConfig);
@@ -277,6 +289,14 @@ export declare class AgentPoller {
   stop(): void;
   /** Counters and state. */
   status(): AgentPollerStatus;
+  /** One poll cycle over every track now (direct messages and every group, except a track
+   * waiting out a `Retry-After`), then the next pages at once while pages come back full
+   * and, after a full page, another round once what it found has been acked (one second's
+   * ties can only be paged past then). Resolves once everything it found has been handled
+   * (an async handler awaited) and acked. Needs no clock, unlike fake timers, which cannot
+   * reach the runtime's: the hook for tests. The schedule is left alone. Rejects when the
+   * poller is not running, has no handler yet, or is stopped before it completes. */
+  pollNow(): Promise<PollNowResult>;
 }
 
 /** `HeartbeatService.status()`. */
@@ -291,6 +311,16 @@ export interface HeartbeatStatus {
   lastError?: string;
 }
 
+/** What `HeartbeatService.beatNow()` resolves with. */
+export interface BeatNowResult {
+  /** The beat succeeded (the server answered 2xx). */
+  ok: boolean;
+  /** Why the beat failed, without secrets. */
+  error?: string;
+  /** Failed beats in a row, this one included. */
+  consecutiveFailures: number;
+}
+
 /** Reports presence with `POST /agents/{id}/heartbeat` (a local runtime's heartbeat writes the
  * agent's row of signaldock.db instead). */
 export declare class HeartbeatService {
@@ -302,6 +332,10 @@ export declare class HeartbeatService {
   stop(): void;
   /** Counters and state. */
   status(): HeartbeatStatus;
+  /** One beat now (a beat already starting at this instant may answer for it); resolves
+   * with its outcome. The schedule is left alone. Rejects when not running or stopped
+   * before the beat completes. */
+  beatNow(): Promise<BeatNowResult>;
 }
 
 /** `KeyRotationService.status()`. */
@@ -318,6 +352,16 @@ export interface KeyRotationStatus {
   lastError?: string;
 }
 
+/** What `KeyRotationService.checkNow()` resolves with. */
+export interface CheckNowResult {
+  /** The key was older than `maxKeyAgeMs` and `registry.rotateKey` was called. */
+  rotated: boolean;
+  /** The registry held a newer key (rotated elsewhere), which the runtime now uses. */
+  adopted: boolean;
+  /** Why the check failed (the registry threw), without secrets. */
+  error?: string;
+}
+
 /** Rotates the API key before it expires. */
 export declare class KeyRotationService {
   constructor(config: KeyRotationConfig);
@@ -328,6 +372,9 @@ export declare class KeyRotationService {
   stop(): void;
   /** Counters and state. */
   status(): KeyRotationStatus;
+  /** One check now (also before the first scheduled one); resolves with what it did. The
+   * schedule is left alone. Rejects when not running or stopped before it completes. */
+  checkNow(): Promise<CheckNowResult>;
 }
 
 /** `SseConnectionService.status()`. */

@@ -21,9 +21,8 @@ function loadNative() {
   try {
     return require('./native.js');
   } catch (cause) {
-    const { platformId } = require('./install.cjs');
+    const { PUBLISHED, platformId } = require('./platform.cjs');
     const platform = platformId();
-    const published = ['linux-x64-gnu', 'linux-x64-musl', 'linux-arm64-gnu', 'darwin-x64', 'darwin-arm64', 'win32-x64-msvc'];
     // napi's loader chains one plain Error per attempt; "Cannot find module" only means absent.
     const failures = [];
     for (let e = cause && cause.cause; e && failures.length < 20; e = e.cause) {
@@ -31,10 +30,10 @@ function loadNative() {
       if (!first.startsWith('Cannot find module')) failures.push(first);
     }
     const found = failures.length > 0 ? ` A binary was found but did not load: ${failures[0]}.` : '';
-    const build = 'install Rust (https://rustup.rs, 1.95 or newer) and run `npm rebuild @cleocode/runtime '
-      + '--foreground-scripts` to build it from source (npm 11: approve the install script first, '
-      + '`npm install-scripts approve @cleocode/runtime`; pnpm: `pnpm approve-builds`)';
-    const todo = published.includes(platform)
+    // The package has no install script: building from source is this explicit command.
+    const build = 'install Rust (https://rustup.rs, 1.95 or newer) and run `npx cleo-runtime-build` '
+      + '(a command of this package) to build it from source';
+    const todo = PUBLISHED.includes(platform)
       ? ` The prebuilt binary is the optional dependency @cleocode/runtime-${platform}: reinstall without `
         + '--omit=optional / --no-optional (if npm skipped it, delete node_modules and package-lock.json '
         + `first: npm/cli#4828), or ${build}.`

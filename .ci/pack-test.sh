@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Packaging test: the package as users get it, installed into a fresh project outside the repo.
-#   1. `npm pack` the main package; the tarball ships no target/, __test__/, tests, or .node;
+#   1. `npm pack` the main package; the tarball ships no target/, __test__/, tests, or .node,
+#      and no install script (package.json), but the cleo-runtime-build bin and the testing
+#      subpath (its ESM sources and the generated CommonJS build);
 #   2. the publish shape: the same tarball with the optionalDependencies `napi prepublish`
 #      adds at publish time (one per napi.targets entry, same version);
 #   3. the platform package for this machine (npm/<platform>/ plus the built .node), packed;
@@ -8,11 +10,15 @@
 #      with --offline: the platform tarball satisfies its optionalDependency, the other
 #      platforms' packages are skipped without touching a registry;
 #   5. there: ESM import, CJS require, `tsc --strict --noEmit` of a consumer .mts (no
-#      @types/node), and one message delivered end to end from the SignalDock test server;
-#   6. the main tarball alone (no binary, CLEO_RUNTIME_NO_BUILD=1): the install still
-#      succeeds and the import fails with ONE error naming the platform.
-# PACK_TEST_FROM_SOURCE=1 adds 7.: the main tarball alone builds from source on install
-# (cargo; minutes). Needs the addon built at the repo root (`npm run build`).
+#      @types/node), one message delivered end to end from the SignalDock test server, and
+#      `@cleocode/runtime/testing` imported (ESM) and required (CJS), each delivering one
+#      message with pollNow(), type-checked from a .mts and a .cts; `cleo-runtime-build`
+#      runs (--help, --check: the binary loads);
+#   6. the main tarball alone (no binary): the install succeeds and runs no script,
+#      `cleo-runtime-build --check` says no binary loads and exits 1, and the import fails
+#      with ONE error naming the platform and `npx cleo-runtime-build`.
+# PACK_TEST_FROM_SOURCE=1 adds 7.: the main tarball alone, then `npx cleo-runtime-build`
+# builds from source (cargo; minutes). Needs the addon built at the repo root (`npm run build`).
 set -euo pipefail
 unset NODE_PATH # the consumer project must resolve only its own node_modules
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -44,7 +50,7 @@ js() { (cd "$WORK" && node -e "$@"); }
 size() { js 'const s=require("fs").statSync(process.argv[1]).size; console.log(s>1048576?(s/1048576).toFixed(1)+" MiB":(s/1024).toFixed(1)+" kB")' "$1"; }
 
 NPM_FLAGS=(--no-audit --no-fund --offline --foreground-scripts)
-PLATFORM="$(js 'console.log(require(process.argv[1]).platformId())' "$REPO/install.cjs")"
+PLATFORM="$(js 'console.log(require(process.argv[1]).platformId())' "$REPO/platform.cjs")"
 VERSION="$(js 'console.log(require(process.argv[1]).version)' "$REPO/package.json")"
 BINARY="$REPO/cleo-runtime.$PLATFORM.node"
 echo "pack-test: @cleocode/runtime@$VERSION on $PLATFORM, Node $(node -v), npm $(npm -v 2>/dev/null), in $WORK"
@@ -57,12 +63,24 @@ run "npm pack (main package)" bash -c "cd '$REPO' && npm pack --json --pack-dest
 PACKED="$WORK/packed/$(js 'console.log(require(process.argv[1])[0].filename)' "$WORK/pack.json")"
 [ -f "$PACKED" ] || fail "npm pack wrote no tarball"
 tar tzf "$PACKED" | sed 's|^package/||' | sort >"$WORK/contents.txt"
-FORBIDDEN="$(grep -E '^(target|__test__|tests|bench|examples|node_modules|npm|\.ci|artifacts)/|\.node$|\.tgz$|(^|/)tests\.rs$' "$WORK/contents.txt" || true)"
+FORBIDDEN="$(grep -E '^(target|__test__|tests|bench|examples|node_modules|npm|scripts|\.ci|artifacts)/|\.node$|\.tgz$|(^|/)tests\.rs$' "$WORK/contents.txt" || true)"
 [ -z "$FORBIDDEN" ] || fail "the tarball ships what it must not: $(echo "$FORBIDDEN" | tr '\n' ' ')"
-for f in package.json index.js index.d.ts native.js install.cjs README.md LICENSE Cargo.toml Cargo.lock build.rs src/lib.rs; do
+for f in package.json index.js index.d.ts native.js platform.cjs bin/cleo-runtime-build.cjs README.md LICENSE \
+  Cargo.toml Cargo.lock build.rs src/lib.rs testing/index.mjs testing/index.d.ts testing/index.d.mts \
+  testing/signaldock-server.mjs testing/fake-registry.mjs testing/cjs/index.cjs \
+  testing/cjs/signaldock-server.cjs testing/cjs/fake-registry.cjs; do
   grep -qx "$f" "$WORK/contents.txt" || fail "the tarball lacks $f"
 done
-pass "npm pack: $(basename "$PACKED") ($(size "$PACKED"), $(wc -l <"$WORK/contents.txt") files; no target/, __test__/, tests or .node)"
+# Package managers block or refuse install scripts (pnpm 11 fails the install): none ships.
+run "package.json: no install scripts, the bin" js '
+  const { execFileSync } = require("child_process");
+  const pkg = JSON.parse(execFileSync("tar", ["xzOf", process.argv[1], "package/package.json"], { encoding: "utf8" }));
+  const scripts = Object.keys(pkg.scripts || {}).filter((s) => ["preinstall", "install", "postinstall"].includes(s));
+  if (scripts.length > 0) throw new Error(`install scripts: ${scripts}`);
+  if (pkg.bin?.["cleo-runtime-build"] !== "bin/cleo-runtime-build.cjs") throw new Error(`bin: ${JSON.stringify(pkg.bin)}`);
+  if (!pkg.exports?.["./testing"]) throw new Error("no ./testing export");' "$PACKED"
+PACKED_BYTES="$(js 'console.log(require("fs").statSync(process.argv[1]).size)' "$PACKED")"
+pass "npm pack: $(basename "$PACKED") ($(size "$PACKED") = $PACKED_BYTES bytes, $(wc -l <"$WORK/contents.txt") files; no target/, __test__/, tests, .node or install script)"
 
 # ---------------------------------------------------------------- 2. the publish shape
 # `napi prepublish` (prepublishOnly) writes these into package.json at publish time, one per
@@ -83,7 +101,9 @@ run "optionalDependencies for the publish shape" js '
   });' "$REPO" "$WORK/stage/package/package.json"
 OPTIONAL="$(cat "$WORK/last.log")"
 echo "$OPTIONAL" | grep -qw "@cleocode/runtime-$PLATFORM" || fail "optionalDependencies lack @cleocode/runtime-$PLATFORM: $OPTIONAL"
-run "npm pack (publish shape)" bash -c "cd '$WORK/stage/package' && npm pack --json --pack-destination '$WORK/publish' > '$WORK/pack-publish.json'"
+# --ignore-scripts: prepack (the testing subpath's CommonJS build) ran in the repo already;
+# its script is not in the tarball.
+run "npm pack (publish shape)" bash -c "cd '$WORK/stage/package' && npm pack --ignore-scripts --json --pack-destination '$WORK/publish' > '$WORK/pack-publish.json'"
 MAIN_TGZ="$WORK/publish/$(js 'console.log(require(process.argv[1])[0].filename)' "$WORK/pack-publish.json")"
 pass "publish shape: optionalDependencies $(echo "$OPTIONAL" | wc -w) platform packages @ $VERSION"
 
@@ -99,19 +119,20 @@ pass "platform package: $(basename "$PLATFORM_TGZ") ($(size "$PLATFORM_TGZ"); .n
 # ---------------------------------------------------------------- 4. a fresh project installs both
 APP="$WORK/app"
 mkdir -p "$APP"
-# npm 11 keys a tarball's install-script approval by its file: spec (what
-# `npm install-scripts approve` writes); from the registry it is the package name.
-allow_scripts() { printf '"allowScripts": { "file:%s": true }' "$MAIN_TGZ"; }
-echo "{ \"name\": \"pack-test-consumer\", \"private\": true, $(allow_scripts) }" >"$APP/package.json"
+echo '{ "name": "pack-test-consumer", "private": true }' >"$APP/package.json"
 run "npm install <main.tgz> <platform.tgz>" bash -c "cd '$APP' && npm install ${NPM_FLAGS[*]} '$MAIN_TGZ' '$PLATFORM_TGZ'"
-grep -q "not yet covered by allowScripts" "$WORK/last.log" && fail "npm did not take the install-script approval"
-grep -q "native binary for $PLATFORM loads" "$WORK/last.log" || { sed 's/^/      | /' "$WORK/last.log"; fail "the install script did not find the platform binary"; }
+grep -qi "script" "$WORK/last.log" && { sed 's/^/      | /' "$WORK/last.log"; fail "npm mentions a script: the package must have none"; }
 [ -f "$APP/node_modules/@cleocode/runtime-$PLATFORM/cleo-runtime.$PLATFORM.node" ] || fail "@cleocode/runtime-$PLATFORM not installed"
 EXTRA="$(cd "$APP/node_modules/@cleocode" && ls | grep -v -x -e runtime -e "runtime-$PLATFORM" || true)"
 [ -z "$EXTRA" ] || fail "unexpected packages installed: $EXTRA"
 ls "$APP/node_modules/@cleocode/runtime/"*.node >/dev/null 2>&1 && fail "a .node appeared in the main package (built from source?)"
 (cd "$APP" && node -e 'require.resolve("vitest")' >/dev/null 2>&1) && fail "the consumer resolves the repo's node_modules"
-pass "fresh project: installed both tarballs offline; other platform packages skipped; install script: binary loads"
+pass "fresh project: installed both tarballs offline; other platform packages skipped; no script ran"
+run "npx cleo-runtime-build --help" bash -c "cd '$APP' && npx --no-install cleo-runtime-build --help"
+grep -q "usage: cleo-runtime-build" "$WORK/last.log" || fail "cleo-runtime-build --help printed no usage"
+run "npx cleo-runtime-build --check" bash -c "cd '$APP' && npx --no-install cleo-runtime-build --check"
+grep -q "a native binary for $PLATFORM loads" "$WORK/last.log" || { sed 's/^/      | /' "$WORK/last.log"; fail "cleo-runtime-build --check did not find the platform binary"; }
+pass "bin: npx cleo-runtime-build --help and --check run; the platform binary loads"
 
 # ---------------------------------------------------------------- 5a. ESM and CJS
 cat >"$APP/esm.mjs" <<'EOF'
@@ -234,12 +255,85 @@ DELIVERED="$(cat "$WORK/last.log")"
 kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""
 pass "end to end: $DELIVERED; the process exited by itself after stop()"
 
+# ---------------------------------------------------------------- 5d. the testing subpath
+# A user's test: the test server and fake registry from @cleocode/runtime/testing, one
+# message delivered with pollNow() (a one-hour interval: nothing else would poll), as ESM,
+# as CommonJS (the generated build; Node 18/20 cannot require ESM), and type-checked.
+cat >"$APP/testing-esm.mjs" <<'EOF'
+import { createRuntime } from '@cleocode/runtime';
+import { FakeRegistry, startSignalDock, testCredential } from '@cleocode/runtime/testing';
+const sd = await startSignalDock({ agents: { alice: 'key-alice', bob: 'key-bob' } });
+const registry = new FakeRegistry([testCredential('bob', 'key-bob', sd.url)]);
+const handle = await createRuntime(registry, { pollIntervalMs: 3_600_000, heartbeatIntervalMs: 0, maxKeyAgeMs: 0 });
+const got = [];
+handle.poller.onMessage(async (m) => { got.push(`${m.from}: ${m.content}`); });
+sd.sendDirect('alice', 'bob', 'hello from the testing subpath');
+const report = await handle.poller.pollNow();
+if (report.handled !== 1 || got[0] !== 'alice: hello from the testing subpath' || sd.acked('bob').length !== 1) {
+  console.error(`unexpected: ${JSON.stringify({ report, got, acked: sd.acked('bob') })}`);
+  process.exit(1);
+}
+handle.stop();
+await sd.close();
+console.log(`ESM: ${got[0]} (pollNow ${JSON.stringify(report)})`);
+EOF
+{
+  echo '(async () => {'
+  sed -e "s|^import { createRuntime } from '@cleocode/runtime';|const { createRuntime } = require('@cleocode/runtime');|" \
+      -e "s|^import { FakeRegistry, startSignalDock, testCredential } from '@cleocode/runtime/testing';|const { FakeRegistry, startSignalDock, testCredential } = require('@cleocode/runtime/testing');|" \
+      -e 's|^console.log(`ESM: |console.log(`CJS: |' "$APP/testing-esm.mjs"
+  echo '})().catch((e) => { console.error(e); process.exit(1); });'
+} >"$APP/testing-cjs.cjs"
+grep -q "require('@cleocode/runtime/testing')" "$APP/testing-cjs.cjs" || fail "the CommonJS testing consumer was not written"
+run "testing subpath (ESM)" bash -c "cd '$APP' && timeout 30 node testing-esm.mjs"
+TESTING_ESM="$(cat "$WORK/last.log")"
+run "testing subpath (CommonJS)" bash -c "cd '$APP' && timeout 30 node testing-cjs.cjs"
+TESTING_CJS="$(cat "$WORK/last.log")"
+cat >"$APP/testing.mts" <<'EOF'
+import { createRuntime, type PollNowResult } from '@cleocode/runtime';
+import { FakeRegistry, startSignalDock, testCredential, type InjectedFault } from '@cleocode/runtime/testing';
+const sd = await startSignalDock({ agents: { bob: 'key-bob' } });
+const registry = new FakeRegistry([testCredential('bob', 'key-bob', sd.url)]);
+const handle = await createRuntime(registry, { pollIntervalMs: 3_600_000 });
+const report: PollNowResult = await handle.poller.pollNow();
+const fault: InjectedFault = sd.inject({ path: '/messages/peek', status: 503, every: 2 });
+// @ts-expect-error every is a number
+sd.inject({ path: '/messages/peek', every: 'often' });
+void [report.handled, fault.hits];
+EOF
+cat >"$APP/testing.cts" <<'EOF'
+import testing = require('@cleocode/runtime/testing');
+export async function start(): Promise<number> {
+  const sd = await testing.startSignalDock({ agents: { bob: 'key-bob' } });
+  const registry: testing.FakeRegistry = new testing.FakeRegistry([testing.testCredential('bob', 'key-bob', sd.url)]);
+  const row: testing.MessageRow = sd.sendDirect('alice', 'bob', 'hi');
+  void [registry, row.id];
+  return sd.requests.length;
+}
+EOF
+cat >"$APP/tsconfig.testing.json" <<'EOF'
+{
+  "compilerOptions": {
+    "strict": true, "noEmit": true, "target": "ES2022", "lib": ["ES2022"],
+    "module": "NodeNext", "moduleResolution": "NodeNext", "types": [], "skipLibCheck": false
+  },
+  "files": ["testing.mts", "testing.cts"]
+}
+EOF
+run "tsc --strict --noEmit (testing.mts, testing.cts)" bash -c "cd '$APP' && '$REPO/node_modules/.bin/tsc' -p tsconfig.testing.json"
+pass "testing subpath: $TESTING_ESM; $TESTING_CJS; tsc --strict of an ESM and a CommonJS consumer"
+
 # ---------------------------------------------------------------- 6. no binary: one clear error
 BARE="$WORK/bare"
 mkdir -p "$BARE"
-echo "{ \"name\": \"pack-test-bare\", \"private\": true, $(allow_scripts) }" >"$BARE/package.json"
-run "npm install <main.tgz> alone (CLEO_RUNTIME_NO_BUILD=1)" bash -c "cd '$BARE' && CLEO_RUNTIME_NO_BUILD=1 npm install ${NPM_FLAGS[*]} '$MAIN_TGZ'"
-grep -q "no loadable binary for $PLATFORM" "$WORK/last.log" || { sed 's/^/      | /' "$WORK/last.log"; fail "the install script printed no notice"; }
+echo '{ "name": "pack-test-bare", "private": true }' >"$BARE/package.json"
+run "npm install <main.tgz> alone" bash -c "cd '$BARE' && npm install ${NPM_FLAGS[*]} '$MAIN_TGZ'"
+grep -qi "script" "$WORK/last.log" && { sed 's/^/      | /' "$WORK/last.log"; fail "npm mentions a script: the package must have none"; }
+ls "$BARE/node_modules/@cleocode/runtime/"*.node >/dev/null 2>&1 && fail "a .node appeared in the main package"
+if (cd "$BARE" && npx --no-install cleo-runtime-build --check) >"$WORK/check.log" 2>&1; then
+  sed 's/^/      | /' "$WORK/check.log" >&2; fail "cleo-runtime-build --check exited 0 without a binary"
+fi
+grep -q "no native binary for $PLATFORM" "$WORK/check.log" || { sed 's/^/      | /' "$WORK/check.log" >&2; fail "cleo-runtime-build --check printed no diagnosis"; }
 cat >"$BARE/check.mjs" <<'EOF'
 const [platform] = process.argv.slice(2);
 try {
@@ -249,24 +343,26 @@ try {
 } catch (err) {
   const expected = `@cleocode/runtime: no native binary for ${platform} (Node ${process.version}).`;
   if (!err.message.startsWith(expected)) { console.error(`unexpected error: ${err.stack}`); process.exit(1); }
+  if (!err.message.includes('`npx cleo-runtime-build`')) { console.error(`the error names no build command: ${err.message}`); process.exit(1); }
   if (!err.cause) { console.error('no cause attached'); process.exit(1); }
   console.log(err.message);
 }
 EOF
 run "import without a binary" bash -c "cd '$BARE' && node check.mjs '$PLATFORM'"
-pass "no binary: install exits 0 with a notice; import throws one error: $(cut -c1-80 "$WORK/last.log")…"
+pass "no binary: no script ran; cleo-runtime-build --check exits 1; the import throws one error naming \`npx cleo-runtime-build\`"
 
 # ---------------------------------------------------------------- 7. build from source (opt-in)
 if [ "${PACK_TEST_FROM_SOURCE:-0}" = "1" ]; then
   SRC="$WORK/from-source"
   mkdir -p "$SRC"
-  echo "{ \"name\": \"pack-test-source\", \"private\": true, $(allow_scripts) }" >"$SRC/package.json"
-  run "npm install <main.tgz> alone, building from source" bash -c "cd '$SRC' && npm install ${NPM_FLAGS[*]} '$MAIN_TGZ'"
-  grep -q "built from source and loads" "$WORK/last.log" || { tail -20 "$WORK/last.log" | sed 's/^/      | /'; fail "no binary built from source"; }
-  BUILT="$(grep -o 'built node_modules/.*' "$WORK/last.log" || echo 'built')"
+  echo '{ "name": "pack-test-source", "private": true }' >"$SRC/package.json"
+  run "npm install <main.tgz> alone" bash -c "cd '$SRC' && npm install ${NPM_FLAGS[*]} '$MAIN_TGZ'"
+  run "npx cleo-runtime-build (from source)" bash -c "cd '$SRC' && npx --no-install cleo-runtime-build"
+  grep -q "the binary built from source loads" "$WORK/last.log" || { tail -20 "$WORK/last.log" | sed 's/^/      | /'; fail "no binary built from source"; }
+  BUILT="$(grep -o 'built node_modules/[^ ]*' "$WORK/last.log" || echo 'built')"
   cp "$APP/esm.mjs" "$SRC/esm.mjs"
   run "ESM import (built from source)" bash -c "cd '$SRC' && node esm.mjs"
-  pass "from source: ${BUILT%.}; ESM import works"
+  pass "from source: $BUILT; ESM import works"
 fi
 
 pass "pack-test: all checks in $((SECONDS - STARTED)) s"

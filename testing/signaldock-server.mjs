@@ -64,7 +64,7 @@ const SSE_HISTORY = 256;
 const MAX_BODY_BYTES = 16 * 1024 * 1024;
 const RULE_KEYS = new Set([
   'method', 'path', 'agentId', 'times', 'probability', 'status', 'retryAfter', 'retryAfterMs',
-  'delayMs', 'hang', 'malformed', 'reset', 'dropAfterMs', 'message', 'query',
+  'delayMs', 'hang', 'malformed', 'reset', 'dropAfterMs', 'message', 'query', 'every',
 ]);
 // The real server replays at most this many messages after a Last-Event-ID.
 const SSE_REPLAY = 100;
@@ -274,7 +274,9 @@ export class SignalDock {
    * Add a fault rule. Rules are tried in order before auth; the first match applies and
    * uses up one of its `times` (default 1, Infinity allowed). Match on `method`, `path`
    * (raw path: exact string, 'prefix*', or RegExp), `agentId` (X-Agent-Id) and
-   * `probability` (seeded PRNG; a miss does not use up the rule). Effects, in order:
+   * `probability` (seeded PRNG; a miss does not use up the rule) or `every: n` (the n-th,
+   * 2n-th, … otherwise-matching request: a schedule that does not depend on how requests
+   * interleave, for a test that asserts the fault happened). Effects, in order:
    * `delayMs` (wait, then carry on), `reset` (destroy the socket), `hang` (never answer),
    * `status`/`retryAfter` (error body; retryAfter alone means 429; optional `message`),
    * `malformed` (200 with a non-JSON body), `dropAfterMs` (SSE only: open, then destroy).
@@ -285,8 +287,14 @@ export class SignalDock {
       // A typo such as `delay:` would otherwise make a fault test pass vacuously.
       if (!RULE_KEYS.has(key)) throw new TypeError(`unknown fault rule key: ${key}`);
     }
-    const stored = { ...rule, remaining: rule.times ?? 1, hits: 0 };
+    const stored = { ...rule, remaining: rule.times ?? 1, hits: 0, seen: 0 };
     if (!(stored.remaining > 0)) throw new TypeError('fault rule times must be > 0');
+    if (rule.every !== undefined && !(Number.isInteger(rule.every) && rule.every > 0)) {
+      throw new TypeError('fault rule every must be a positive integer');
+    }
+    if (rule.every !== undefined && rule.probability !== undefined) {
+      throw new TypeError('fault rule: every and probability exclude each other');
+    }
     this.#faults.push(stored);
     return stored;
   }
@@ -354,6 +362,8 @@ export class SignalDock {
       if (rule.query != null && !Object.entries(rule.query).every(([k, v]) => (v === true ? k in rec.query : rec.query[k] === v))) continue;
       // Draw only for otherwise-matching rules so the sequence depends on traffic, not rule count.
       if (rule.probability != null && !(this.#random() < rule.probability)) continue;
+      // Counted per rule, so other rules and other traffic cannot shift the schedule.
+      if (rule.every != null && (rule.seen += 1) % rule.every !== 0) continue;
       rule.hits += 1;
       rule.remaining -= 1;
       if (rule.remaining <= 0) this.#faults.splice(i, 1);

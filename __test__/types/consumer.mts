@@ -25,6 +25,8 @@ import {
   type Transport,
   type TransportConnectConfig,
 } from '@cleocode/runtime';
+import type { BeatNowResult, CheckNowResult, PollNowResult } from '@cleocode/runtime';
+import { FakeRegistry, startSignalDock, testCredential, type InjectedFault, type MessageRow, type SignalDock } from '@cleocode/runtime/testing';
 
 /** A caller's own registry, as in cleo's tests. */
 class MemoryRegistry implements AgentRegistryAPI {
@@ -160,4 +162,26 @@ export function logging(registry: AgentRegistryAPI, pino: PinoShaped): void {
   const winstonShaped: Logger = { debug: (m: string, meta?: object) => { void [m, meta]; }, info() {}, warn() {}, error() {} };
   void createRuntime(registry, { logger: winstonShaped }).then((h) => h.stop());
   void createRuntime(registry, { logger: async (r) => { void r.fields.agentId; } }).then((h) => h.stop());
+}
+
+// The clock-free hooks, and the testing subpath, as a user's test writes them.
+export async function hooks(): Promise<void> {
+  const sd = await startSignalDock({ agents: { bob: ['key-b', 'key-b2'] }, seed: 7 });
+  const server: SignalDock = sd; // startSignalDock's url is a string: it listens
+  const url: string = sd.url;
+  const registry = new FakeRegistry([testCredential('bob', 'key-b', url, { transportType: 'sse' })]);
+  const handle = await createRuntime(registry, { pollIntervalMs: 3_600_000 });
+  handle.poller.onMessage((m) => { void m.id; });
+  const row: MessageRow = sd.sendDirect('alice', 'bob', 'hi');
+  const polled: PollNowResult = await handle.poller.pollNow();
+  const handled: number = polled.handled;
+  const beat: BeatNowResult | undefined = await handle.heartbeat?.beatNow();
+  const checked: CheckNowResult | undefined = await handle.keyRotation?.checkNow();
+  const fault: InjectedFault = sd.inject({ path: /^\/messages\//, status: 503, every: 3, times: Infinity });
+  const hits: number = fault.hits;
+  // @ts-expect-error a typo in a fault rule is a type error
+  sd.inject({ pth: '/messages/peek' });
+  handle.stop();
+  await sd.close();
+  void [row.id, handled, beat?.ok, checked?.rotated, hits, server.url];
 }

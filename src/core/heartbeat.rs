@@ -5,6 +5,10 @@
 //! The schedule is fixed (ticks do not drift with request time). A beat that succeeds resets
 //! `consecutiveFailures`; anything else adds one. A 429 with `Retry-After` skips the beats
 //! that fall inside the wait.
+//!
+//! [`Heartbeat::beat_now`] asks the loop for one beat at once (the schedule stays as it is)
+//! and resolves with its outcome: a test drives presence without a clock, and the beat is
+//! counted like any other because the loop itself sends it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,6 +16,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -19,7 +24,7 @@ use super::error::Result;
 use super::local::LocalTransport;
 use super::signaldock::SignalDock;
 use super::sync::lock;
-use super::task::RunningTask;
+use super::task::{NotDone, RunningTask};
 
 /// The default interval (API.md).
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
@@ -50,6 +55,24 @@ pub struct HeartbeatStatus {
     pub last_error: Option<String>,
 }
 
+/// What one beat asked for with [`Heartbeat::beat_now`] came to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BeatOutcome {
+    /// The server answered 2xx.
+    pub ok: bool,
+    /// Why it failed, without secrets.
+    pub error: Option<String>,
+    /// `consecutive_failures` after this beat.
+    pub consecutive_failures: u32,
+}
+
+type BeatRequest = oneshot::Sender<BeatOutcome>;
+
+struct Running {
+    task: RunningTask,
+    requests: mpsc::UnboundedSender<BeatRequest>,
+}
+
 #[derive(Default)]
 struct Counters {
     consecutive_failures: AtomicU32,
@@ -61,7 +84,7 @@ pub struct Heartbeat {
     beat: Arc<dyn Beat>,
     interval: Duration,
     counters: Arc<Counters>,
-    task: Mutex<Option<RunningTask>>,
+    task: Mutex<Option<Running>>,
     /// The span current at creation, which the loop logs in on every start.
     span: tracing::Span,
 }
@@ -89,15 +112,35 @@ impl Heartbeat {
             .store(0, Ordering::Relaxed);
         let (beat, counters, interval) = (self.beat.clone(), self.counters.clone(), self.interval);
         let _in_span = self.span.enter();
-        *task = Some(RunningTask::spawn(move |token| {
-            run(beat, counters, interval, token)
-        }));
+        let (requests, asked) = mpsc::unbounded_channel();
+        *task = Some(Running {
+            task: RunningTask::spawn(move |token| run(beat, counters, interval, asked, token)),
+            requests,
+        });
         true
     }
 
     pub fn stop(&self) {
-        if let Some(task) = lock(&self.task).take() {
-            task.stop();
+        if let Some(running) = lock(&self.task).take() {
+            running.task.stop();
+        }
+    }
+
+    /// One beat now, sent by the running loop; resolves with its outcome. The schedule is
+    /// left alone, and a `Retry-After` wait does not hold an asked-for beat back.
+    pub fn beat_now(
+        &self,
+    ) -> impl Future<Output = std::result::Result<BeatOutcome, NotDone>> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        let asked = lock(&self.task)
+            .as_ref()
+            .is_some_and(|running| running.requests.send(tx).is_ok());
+        async move {
+            if !asked {
+                return Err(NotDone::NotRunning);
+            }
+            // The loop drops the sender when it is stopped mid-beat.
+            rx.await.map_err(|_| NotDone::Stopped)
         }
     }
 
@@ -121,28 +164,41 @@ async fn run(
     beat: Arc<dyn Beat>,
     counters: Arc<Counters>,
     interval: Duration,
+    mut asked: mpsc::UnboundedReceiver<BeatRequest>,
     token: CancellationToken,
 ) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut not_before: Option<Instant> = None;
     loop {
+        let mut waiting = Vec::new();
         tokio::select! {
             _ = token.cancelled() => return,
-            _ = ticks.tick() => {}
+            _ = ticks.tick() => {
+                if not_before.is_some_and(|t| Instant::now() < t) {
+                    continue;
+                }
+            }
+            Some(request) = asked.recv() => waiting.push(request),
         }
-        if not_before.is_some_and(|t| Instant::now() < t) {
-            continue;
+        // Everyone who asked before this beat starts is answered by it.
+        while let Ok(request) = asked.try_recv() {
+            waiting.push(request);
         }
         let result = tokio::select! {
             _ = token.cancelled() => return,
             result = beat.beat() => result,
         };
         counters.beats.fetch_add(1, Ordering::Relaxed);
-        match result {
+        let outcome = match result {
             Ok(()) => {
                 counters.consecutive_failures.store(0, Ordering::Relaxed);
                 not_before = None;
+                BeatOutcome {
+                    ok: true,
+                    error: None,
+                    consecutive_failures: 0,
+                }
             }
             Err(err) => {
                 let failures = counters
@@ -151,8 +207,17 @@ async fn run(
                     + 1;
                 tracing::warn!(error = %err, failures, "heartbeat failed");
                 not_before = err.retry_after().map(|wait| Instant::now() + wait);
-                *lock(&counters.last_error) = Some(err.to_string());
+                let text = err.to_string();
+                *lock(&counters.last_error) = Some(text.clone());
+                BeatOutcome {
+                    ok: false,
+                    error: Some(text),
+                    consecutive_failures: failures,
+                }
             }
+        };
+        for request in waiting {
+            let _ = request.send(outcome.clone());
         }
     }
 }
@@ -250,6 +315,40 @@ mod tests {
             0,
             "start resets the count"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn beat_now_beats_at_once_and_reports_the_outcome() {
+        let script = Scripted::new(vec![Ok(()), Err(server_error())]);
+        let hb = Heartbeat::new(script.clone(), Duration::from_secs(30));
+        assert_eq!(hb.beat_now().await, Err(NotDone::NotRunning));
+        hb.start();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        // Asked at 5 s: sent at once (the request takes 0.7 s), failing, and counted.
+        let outcome = hb.beat_now().await.unwrap();
+        assert_eq!(
+            outcome,
+            BeatOutcome {
+                ok: false,
+                error: Some(server_error().to_string()),
+                consecutive_failures: 1,
+            }
+        );
+        assert_eq!(script.times(), [0, 5]);
+        assert_eq!(hb.status().beats, 2);
+        // Two callers at once share the next beat.
+        let (a, b) = tokio::join!(hb.beat_now(), hb.beat_now());
+        assert!(a.as_ref().unwrap().ok && a == b);
+        assert_eq!(script.times(), [0, 5, 5]);
+        // The schedule is unchanged: 30 and 60 s.
+        tokio::time::sleep(Duration::from_secs(56)).await;
+        assert_eq!(script.times(), [0, 5, 5, 30, 60]);
+        // Stopped mid-beat: the caller hears so instead of waiting for ever.
+        let pending = hb.beat_now();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        hb.stop();
+        assert_eq!(pending.await, Err(NotDone::Stopped));
+        assert_eq!(hb.beat_now().await, Err(NotDone::NotRunning));
     }
 
     #[tokio::test(start_paused = true)]

@@ -11,20 +11,25 @@
 //! The real registry (`agent-registry-accessor.ts`) answers `rotateKey` with a *masked* key
 //! (`"<first 8 chars>...rotated"`) and stores the usable one: the key handed over is the one
 //! `registry.get` reads back after the rotation. A masked key is never sent.
+//!
+//! [`KeyRotation::check_now`] asks the loop for one check at once and resolves with what it
+//! did: a test drives rotation without a clock, and checks never overlap (two concurrent
+//! `rotateKey` calls would rotate twice).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use tokio::time::MissedTickBehavior;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::clock;
 use super::credentials::{ApiKey, Credentials};
 use super::error::Result;
 use super::sync::lock;
-use super::task::RunningTask;
+use super::task::{NotDone, RunningTask};
 
 /// What the rotation service reads from a registry's credential.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -71,6 +76,24 @@ pub struct KeyRotationStatus {
     pub last_error: Option<String>,
 }
 
+/// What one check asked for with [`KeyRotation::check_now`] did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CheckOutcome {
+    /// The key was older than the maximum age and `rotateKey` was called.
+    pub rotated: bool,
+    /// The registry held a newer key than the runtime's, which the runtime now uses.
+    pub adopted: bool,
+    /// Why the check failed (`registry.get` or `rotateKey` threw), without secrets.
+    pub error: Option<String>,
+}
+
+type CheckRequest = oneshot::Sender<CheckOutcome>;
+
+struct Running {
+    task: RunningTask,
+    requests: mpsc::UnboundedSender<CheckRequest>,
+}
+
 #[derive(Default)]
 struct State {
     last_rotation_at: Mutex<Option<String>>,
@@ -84,7 +107,7 @@ pub struct KeyRotation {
     credentials: Option<Arc<Credentials>>,
     config: KeyRotationConfig,
     state: Arc<State>,
-    task: Mutex<Option<RunningTask>>,
+    task: Mutex<Option<Running>>,
     /// The span current at creation, which the loop logs in on every start.
     span: tracing::Span,
 }
@@ -118,14 +141,36 @@ impl KeyRotation {
             state: self.state.clone(),
         };
         let _in_span = self.span.enter();
-        *task = Some(RunningTask::spawn(move |token| run(check, token)));
+        let (requests, asked) = mpsc::unbounded_channel();
+        *task = Some(Running {
+            task: RunningTask::spawn(move |token| run(check, asked, token)),
+            requests,
+        });
         true
     }
 
     /// Stops, cancelling the pending first check too.
     pub fn stop(&self) {
-        if let Some(task) = lock(&self.task).take() {
-            task.stop();
+        if let Some(running) = lock(&self.task).take() {
+            running.task.stop();
+        }
+    }
+
+    /// One check now (also before the first scheduled one), run by the loop; resolves with
+    /// what it did. The schedule is left alone.
+    pub fn check_now(
+        &self,
+    ) -> impl std::future::Future<Output = std::result::Result<CheckOutcome, NotDone>> + Send + 'static
+    {
+        let (tx, rx) = oneshot::channel();
+        let asked = lock(&self.task)
+            .as_ref()
+            .is_some_and(|running| running.requests.send(tx).is_ok());
+        async move {
+            if !asked {
+                return Err(NotDone::NotRunning);
+            }
+            rx.await.map_err(|_| NotDone::Stopped)
         }
     }
 
@@ -153,41 +198,62 @@ struct Check {
     state: Arc<State>,
 }
 
-async fn run(check: Check, token: CancellationToken) {
-    tokio::select! {
-        _ = token.cancelled() => return,
-        _ = tokio::time::sleep(check.config.first_check) => {}
-    }
-    let mut ticks = tokio::time::interval(check.config.check_interval);
+async fn run(
+    check: Check,
+    mut asked: mpsc::UnboundedReceiver<CheckRequest>,
+    token: CancellationToken,
+) {
+    // The first tick is the first check; the interval runs from there.
+    let first = Instant::now() + check.config.first_check;
+    let mut ticks = tokio::time::interval_at(first, check.config.check_interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
+        let mut waiting = Vec::new();
         tokio::select! {
             _ = token.cancelled() => return,
             _ = ticks.tick() => {}
+            Some(request) = asked.recv() => waiting.push(request),
         }
-        let outcome = tokio::select! {
+        // Everyone who asked before this check starts is answered by it.
+        while let Ok(request) = asked.try_recv() {
+            waiting.push(request);
+        }
+        let result = tokio::select! {
             _ = token.cancelled() => return,
-            outcome = check.once() => outcome,
+            result = check.once() => result,
         };
-        if let Err(err) = outcome {
-            tracing::warn!(error = %err, "key rotation check failed");
-            *lock(&check.state.last_error) = Some(err.to_string());
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(err) => {
+                tracing::warn!(error = %err, "key rotation check failed");
+                let text = err.to_string();
+                *lock(&check.state.last_error) = Some(text.clone());
+                CheckOutcome {
+                    error: Some(text),
+                    ..CheckOutcome::default()
+                }
+            }
+        };
+        for request in waiting {
+            let _ = request.send(outcome.clone());
         }
     }
 }
 
 impl Check {
-    async fn once(&self) -> Result<()> {
+    async fn once(&self) -> Result<CheckOutcome> {
         self.state.checks.fetch_add(1, Ordering::Relaxed);
+        let mut outcome = CheckOutcome::default();
         let agent = &self.config.agent_id;
         let Some(credential) = self.registry.get(agent).await? else {
-            return Ok(());
+            return Ok(outcome);
         };
         if let (Some(shared), Some(key)) = (&self.credentials, &credential.api_key)
             && usable_key(key)
             && shared.rotate(ApiKey::new(key.as_str()), self.config.overlap)
         {
             tracing::info!("adopted the registry's newer API key");
+            outcome.adopted = true;
         }
         let age_ms = credential
             .updated_at
@@ -196,14 +262,15 @@ impl Check {
             .map(|updated| clock::now_ms() - updated);
         let too_old = age_ms.is_some_and(|age| age > self.config.max_key_age.as_millis() as i64);
         if !too_old {
-            return Ok(());
+            return Ok(outcome);
         }
         tracing::info!("API key older than the maximum age: rotating");
         let answered = self.registry.rotate_key(agent).await?;
         *lock(&self.state.last_rotation_at) = Some(clock::now_iso());
         self.state.rotations.fetch_add(1, Ordering::Relaxed);
+        outcome.rotated = true;
         let Some(shared) = &self.credentials else {
-            return Ok(());
+            return Ok(outcome);
         };
         // What the registry stores is the key; what it answers may be a mask of it.
         let stored = match self.registry.get(agent).await {
@@ -227,7 +294,7 @@ impl Check {
                  the runtime keeps its key and adopts the registry's at the next check"
             ),
         }
-        Ok(())
+        Ok(outcome)
     }
 }
 
@@ -389,6 +456,61 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(6)).await;
         assert_eq!(service.status().rotations, 1);
         assert_eq!(shared.current().expose(), "key-0-abcdef");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn check_now_checks_at_once_and_reports_what_it_did() {
+        let registry = FakeRegistry::aged(Duration::from_secs(7200), "key-0");
+        let shared = Credentials::new("alice", ApiKey::new("key-0"));
+        let service = KeyRotation::new(
+            registry.clone(),
+            Some(shared.clone()),
+            config(Duration::from_secs(3600)),
+        );
+        assert_eq!(service.check_now().await, Err(NotDone::NotRunning));
+        service.start();
+        // Before the first scheduled check (5 s): at once.
+        let outcome = service.check_now().await.unwrap();
+        assert_eq!(
+            outcome,
+            CheckOutcome {
+                rotated: true,
+                adopted: false,
+                error: None
+            }
+        );
+        // One read to check, one to read the rotated key back.
+        assert_eq!(registry.gets.load(Ordering::Relaxed), 2);
+        assert_eq!(shared.current().expose(), "sk-live-rotated-1-0123456789");
+        // The fresh key is young: nothing to do, and the schedule is unchanged (5 s).
+        assert_eq!(service.check_now().await.unwrap(), CheckOutcome::default());
+        tokio::time::sleep(Duration::from_millis(5100)).await;
+        assert_eq!(registry.gets.load(Ordering::Relaxed), 4);
+        assert_eq!(service.status().rotations, 1);
+        // A key rotated elsewhere is adopted.
+        *lock(&registry.credential) = Some(RegistryCredential {
+            api_key: Some("from-cli".into()),
+            updated_at: Some(clock::now_iso()),
+        });
+        let outcome = service.check_now().await.unwrap();
+        assert!(outcome.adopted && !outcome.rotated);
+        assert_eq!(shared.current().expose(), "from-cli");
+        service.stop();
+        assert_eq!(service.check_now().await, Err(NotDone::NotRunning));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn check_now_reports_a_failing_registry() {
+        let failing = Arc::new(FakeRegistry {
+            fail_get: true,
+            ..Arc::into_inner(FakeRegistry::aged(Duration::ZERO, "k")).unwrap()
+        });
+        let service = KeyRotation::new(failing.clone(), None, config(Duration::from_secs(3600)));
+        service.start();
+        let outcome = service.check_now().await.unwrap();
+        assert!(!outcome.rotated && !outcome.adopted);
+        assert!(outcome.error.unwrap().contains("boom"));
+        assert!(service.status().last_error.unwrap().contains("boom"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -21,6 +21,13 @@
 //! [`PollerConfig::realtime_slowdown`]; the moment it drops, a poll runs at once and the
 //! normal interval returns. Group polling keeps its interval (the stream does not carry
 //! group messages).
+//!
+//! [`Poller::poll_now_and_wait`] is the clock-free hook for tests: it asks the poll loop for
+//! cycles over every track at once, and resolves when everything found has been handled and
+//! acked. Each round ends with a marker queued behind its batches: everything queued before
+//! the marker has settled when the delivery loop reaches it, which then answers the request
+//! or, after a full page, hands it back for another round (the server may only page past
+//! one second's ties once they are acked).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -30,7 +37,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use futures_util::future::join_all;
 use serde_json::Value;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -42,7 +49,7 @@ use super::error::Error;
 use super::mention::mentions;
 use super::message::{self, ConduitMessage};
 use super::sync::lock;
-use super::task::RunningTask;
+use super::task::{NotDone, RunningTask};
 use super::transport::{DirectSource, GroupFeed, Page};
 
 /// Direct messages asked for per poll (API.md: `limit: 50`).
@@ -98,10 +105,80 @@ pub struct PollerStatus {
     pub pending_acks: usize,
 }
 
+/// What a requested poll ([`Poller::poll_now_and_wait`]) came to.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PollReport {
+    /// Handler calls that returned or resolved between the request and its answer. Counted
+    /// on the poller, whichever path brought the message, so a message a scheduled cycle
+    /// queued just before the request is counted too: a test sees a stable number.
+    pub handled: u64,
+    /// Handler calls that threw or rejected in the same span.
+    pub failed: u64,
+    /// The tracks that failed or were skipped (`direct: …`, `group <id>: …`), without secrets.
+    pub errors: Vec<String>,
+}
+
+/// Someone waiting for a requested poll, with the poller's counts when they asked.
+struct Waiter {
+    answer: oneshot::Sender<PollReport>,
+    delivered: u64,
+    failed: u64,
+}
+
+/// A requested poll in progress: who waits for it and which tracks failed so far.
+#[derive(Default)]
+struct Request {
+    waiters: Vec<Waiter>,
+    errors: Vec<String>,
+    /// A direct page came back full this round: more may be pending behind it, which the
+    /// server may only page past once what it offered is acked.
+    full: bool,
+    /// Handler calls settled (delivered + failed) when this round started.
+    settled_at: u64,
+}
+
+impl Request {
+    fn new(stats: &Stats) -> Self {
+        Self {
+            settled_at: settled(stats),
+            ..Self::default()
+        }
+    }
+
+    fn answer(self, stats: &Stats) {
+        let delivered = stats.delivered.load(Ordering::Relaxed);
+        let failed = stats.failed.load(Ordering::Relaxed);
+        for waiter in self.waiters {
+            let _ = waiter.answer.send(PollReport {
+                handled: delivered.saturating_sub(waiter.delivered),
+                failed: failed.saturating_sub(waiter.failed),
+                errors: self.errors.clone(),
+            });
+        }
+    }
+}
+
+/// Handler calls settled so far.
+fn settled(stats: &Stats) -> u64 {
+    stats.delivered.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed)
+}
+
 struct Batch {
     messages: Vec<ConduitMessage>,
     /// Direct messages are acked once handled; group and SSE messages need no ack.
     ack: bool,
+    /// A marker with no messages: answered when the delivery loop reaches it.
+    answer: Option<Request>,
+}
+
+impl Batch {
+    fn of(messages: Vec<ConduitMessage>, ack: bool) -> Self {
+        Self {
+            messages,
+            ack,
+            answer: None,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -137,6 +214,10 @@ struct Shared {
     /// whole seconds, so `since` cannot page inside one) only acks uncover. The delivery
     /// loop polls again as soon as it has acked.
     direct_full: AtomicBool,
+    /// Callers of [`Poller::poll_now_and_wait`] whose cycle has not started yet.
+    poll_waiters: Mutex<Vec<Waiter>>,
+    /// A requested poll whose round has been handled, back for the next round.
+    resumed: Mutex<Option<Request>>,
     /// Settled direct-message ids not yet acked, including those of an ack in flight.
     pending_acks: Mutex<Vec<String>>,
     /// One ack request at a time (the delivery loop and the poll loop both flush).
@@ -191,6 +272,8 @@ impl Poller {
                 kick: Notify::new(),
                 direct_requested: AtomicBool::new(false),
                 direct_full: AtomicBool::new(false),
+                poll_waiters: Mutex::new(Vec::new()),
+                resumed: Mutex::new(None),
                 pending_acks: Mutex::new(Vec::new()),
                 acking: tokio::sync::Mutex::new(()),
                 delivering: tokio::sync::Mutex::new(()),
@@ -264,6 +347,9 @@ impl Poller {
         lock(&self.shared.delivery_token).take();
         running.poll.stop();
         running.delivery.stop();
+        // Their cycle will not run: dropping them tells the callers so.
+        lock(&self.shared.poll_waiters).clear();
+        lock(&self.shared.resumed).take();
         // Dropped with the queue, never handled: a later start must take them again.
         lock(&self.shared.queued).clear();
         std::mem::take(&mut *lock(&self.shared.pending_acks))
@@ -278,6 +364,41 @@ impl Poller {
     pub fn poll_now(&self) {
         self.shared.direct_requested.store(true, Ordering::Relaxed);
         self.shared.kick.notify_one();
+    }
+
+    /// A cycle over every track now (direct messages and every group, whatever is due,
+    /// except a track waiting out a `Retry-After`), the next pages at once while pages come
+    /// back full and, after a full page, once what it found has been handled and acked,
+    /// another round. Resolves once everything found has been handled and acked (an ack that
+    /// fails is owed as usual). The schedule is left alone. Callers asking while a requested
+    /// cycle waits to start share it.
+    pub fn poll_now_and_wait(
+        &self,
+    ) -> impl std::future::Future<Output = Result<PollReport, NotDone>> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        let asked = {
+            // Under the `running` lock, so `stop()` (which clears the waiters after taking
+            // it) cannot slip in between the check and the push.
+            let running = lock(&self.running);
+            if running.is_none() {
+                Err(NotDone::NotRunning)
+            } else if self.shared.handler().is_none() {
+                Err(NotDone::NoHandler)
+            } else {
+                let stats = &self.shared.stats;
+                lock(&self.shared.poll_waiters).push(Waiter {
+                    answer: tx,
+                    delivered: stats.delivered.load(Ordering::Relaxed),
+                    failed: stats.failed.load(Ordering::Relaxed),
+                });
+                self.shared.kick.notify_one();
+                Ok(())
+            }
+        };
+        async move {
+            asked?;
+            rx.await.map_err(|_| NotDone::Stopped)
+        }
     }
 
     /// Tells the poller whether the realtime path is up (see the module doc).
@@ -300,10 +421,7 @@ impl Poller {
         if messages.is_empty() {
             return true;
         }
-        let batch = Batch {
-            messages,
-            ack: false,
-        };
+        let batch = Batch::of(messages, false);
         // The short way for the realtime path: with nothing queued and nobody delivering,
         // hand the message over from here, skipping a hop through the delivery task (a
         // cross-thread wake-up that would add tens of microseconds to every SSE message).
@@ -574,6 +692,8 @@ async fn poll_loop(shared: Arc<Shared>, queue: mpsc::Sender<Batch>, token: Cance
     };
     let mut direct_due = start;
     let mut groups_due = start;
+    // A requested poll under way: its cycles run every track, until a page is not full.
+    let mut request: Option<Request> = None;
     // A kick left from before this start (a handler set while stopped) would run a second
     // cycle right after the first; the first tick is at once anyway.
     let _ = shared.kick.notified().now_or_never();
@@ -603,9 +723,21 @@ async fn poll_loop(shared: Arc<Shared>, queue: mpsc::Sender<Batch>, token: Cance
         if shared.handler().is_none() {
             continue;
         }
+        if let Some(resumed) = lock(&shared.resumed).take() {
+            let request = request.get_or_insert_with(|| Request::new(&shared.stats));
+            request.waiters.extend(resumed.waiters);
+            request.errors.extend(resumed.errors);
+        }
+        let waiters = std::mem::take(&mut *lock(&shared.poll_waiters));
+        if !waiters.is_empty() {
+            request
+                .get_or_insert_with(|| Request::new(&shared.stats))
+                .waiters
+                .extend(waiters);
+        }
         // A requested poll (poll_now) runs at once but leaves the schedule alone; a scheduled
         // one, or the realtime path dropping, sets the next due time.
-        let requested = shared.direct_requested.swap(false, Ordering::Relaxed);
+        let requested = shared.direct_requested.swap(false, Ordering::Relaxed) || request.is_some();
         let scheduled = direct_now || now >= direct_due;
         let run_direct = scheduled || requested;
         if scheduled {
@@ -618,8 +750,9 @@ async fn poll_loop(shared: Arc<Shared>, queue: mpsc::Sender<Batch>, token: Cance
         }
         // Groups keep their own interval: catching up a direct backlog or the realtime path
         // dropping does not poll every conversation again.
-        let run_groups = now >= groups_due;
-        if run_groups {
+        let groups_scheduled = now >= groups_due;
+        let run_groups = groups_scheduled || request.is_some();
+        if groups_scheduled {
             // Keep the phase: a late run (the loop was waiting on a full queue) does not push
             // every later one back.
             while groups_due <= now {
@@ -629,26 +762,56 @@ async fn poll_loop(shared: Arc<Shared>, queue: mpsc::Sender<Batch>, token: Cance
         if !run_direct && !run_groups {
             continue;
         }
-        let more = tokio::select! {
+        let outcome = tokio::select! {
             _ = token.cancelled() => return,
-            more = cycle(&shared, &queue, run_direct, run_groups, &mut tracks) => more,
+            outcome = cycle(&shared, &queue, run_direct, run_groups, &mut tracks) => outcome,
         };
-        if more {
-            // A full page: read the next one now rather than an interval later.
+        if let Some(request) = request.as_mut() {
+            request.errors.extend(outcome.errors);
+            request.full |= outcome.full;
+        }
+        if outcome.more {
+            // A full page: read the next one now rather than an interval later (a requested
+            // poll reads it as part of the request, leaving the schedule alone).
             shared.kick.notify_one();
-            direct_due = Instant::now();
+            if request.is_none() {
+                direct_due = Instant::now();
+            }
+        } else if let Some(done) = request.take() {
+            // Behind this cycle's batches: reached once they have all been handled and acked
+            // (see the delivery loop for what happens then).
+            let marker = Batch {
+                answer: Some(done),
+                ..Batch::of(Vec::new(), false)
+            };
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = enqueue(&shared, &queue, marker) => {}
+            }
         }
     }
 }
 
-/// One poll cycle. Returns true when a track had a full page of new messages.
+/// What one poll cycle came to.
+#[derive(Default)]
+struct CycleOutcome {
+    /// A track had a full page of new messages: the next one should be read at once.
+    more: bool,
+    /// The tracks that failed, or were skipped while waiting out a `Retry-After`.
+    errors: Vec<String>,
+    /// The direct page came back full (new messages or not).
+    full: bool,
+}
+
+/// One poll cycle.
 async fn cycle(
     shared: &Shared,
     queue: &mpsc::Sender<Batch>,
     run_direct: bool,
     run_groups: bool,
     tracks: &mut Tracks,
-) -> bool {
+) -> CycleOutcome {
+    let mut outcome = CycleOutcome::default();
     let now = Instant::now();
     shared.stats.polls.fetch_add(1, Ordering::Relaxed);
     shared
@@ -657,6 +820,11 @@ async fn cycle(
         .store(clock::now_ms(), Ordering::Relaxed);
 
     let direct_allowed = run_direct && tracks.direct_not_before.is_none_or(|t| now >= t);
+    if run_direct && !direct_allowed {
+        outcome
+            .errors
+            .push("direct: waiting out the server's Retry-After".to_owned());
+    }
     let since = tracks.direct_since.clone();
     let direct_limit = tracks.direct_limit.clamp(1, DIRECT_PAGE);
     let direct = async move {
@@ -670,22 +838,23 @@ async fn cycle(
         }
     };
     let limit = shared.config.group_poll_limit.max(1);
-    let eligible: Vec<String> = match shared.groups {
-        Some(_) if run_groups => shared
-            .config
-            .group_conversation_ids
-            .iter()
-            .filter(|id| {
-                tracks
-                    .groups
-                    .get(*id)
-                    .and_then(|t| t.not_before)
-                    .is_none_or(|t| now >= t)
-            })
-            .cloned()
-            .collect(),
-        _ => Vec::new(),
-    };
+    let mut eligible: Vec<String> = Vec::new();
+    if shared.groups.is_some() && run_groups {
+        for id in &shared.config.group_conversation_ids {
+            let waiting = tracks
+                .groups
+                .get(id)
+                .and_then(|t| t.not_before)
+                .is_some_and(|t| now < t);
+            if waiting {
+                outcome
+                    .errors
+                    .push(format!("group {id}: waiting out the server's Retry-After"));
+            } else {
+                eligible.push(id.clone());
+            }
+        }
+    }
     let groups: Vec<_> = eligible
         .into_iter()
         .filter_map(|id| {
@@ -768,22 +937,14 @@ async fn cycle(
                     // the window, and the delivery loop polls again once they are in.
                     _ => None,
                 };
-                if !fresh.is_empty()
-                    && !enqueue(
-                        shared,
-                        queue,
-                        Batch {
-                            messages: fresh,
-                            ack: true,
-                        },
-                    )
-                    .await
-                {
-                    return false;
+                outcome.full |= full;
+                if !fresh.is_empty() && !enqueue(shared, queue, Batch::of(fresh, true)).await {
+                    return CycleOutcome::default();
                 }
             }
             Err(err) => {
                 shared.record_error("direct", &err);
+                outcome.errors.push(format!("direct: {err}"));
                 tracks.direct_not_before = err.retry_after().map(|wait| now + wait);
                 // A page larger than the client reads: ask for fewer at once. (A single
                 // message over the body cap cannot be read at all; it stays an error.)
@@ -843,25 +1004,17 @@ async fn cycle(
             }
             Err(err) => {
                 shared.record_error(&format!("group {id}"), &err);
+                outcome.errors.push(format!("group {id}: {err}"));
                 track.not_before = err.retry_after().map(|wait| now + wait);
             }
         }
     }
     let fresh = shared.fresh(group_messages);
-    if !fresh.is_empty()
-        && !enqueue(
-            shared,
-            queue,
-            Batch {
-                messages: fresh,
-                ack: false,
-            },
-        )
-        .await
-    {
-        return false;
+    if !fresh.is_empty() && !enqueue(shared, queue, Batch::of(fresh, false)).await {
+        return CycleOutcome::default();
     }
-    more
+    outcome.more = more;
+    outcome
 }
 
 /// What a group track has read before, for [`read_group`].
@@ -946,6 +1099,27 @@ async fn delivery_loop(
                 None => return,
             },
         };
+        if let Some(request) = batch.answer {
+            // Everything queued before the marker has been handed over; a message the
+            // realtime path is handing over the short way right now finishes first.
+            let _turn = shared.delivering.lock().await;
+            shared.in_queue.fetch_sub(1, Ordering::AcqRel);
+            // A full page this round, and progress since it started (something handled,
+            // hence acked): poll again, for rows the server could only page past once those
+            // were acked (one second's ties, read again with `since` of that second). With no
+            // progress (acks failing), another round would see the same page: answer.
+            let now = settled(&shared.stats);
+            if request.full && now > request.settled_at {
+                let mut request = request;
+                request.full = false;
+                request.settled_at = now;
+                *lock(&shared.resumed) = Some(request);
+                shared.kick.notify_one();
+            } else {
+                request.answer(&shared.stats);
+            }
+            continue;
+        }
         // A message pushed before any handler exists waits here for one: never dropped.
         let handler = loop {
             let registered = shared.handler_set.notified();

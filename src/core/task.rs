@@ -8,7 +8,11 @@
 //! A task runs in the span that was current where it was spawned (tokio does not carry
 //! spans across `spawn` by itself): that is how a runtime's records reach its logger
 //! ([`crate::logging::LogScope`]).
+//!
+//! [`NotDone`] is why an on-demand run (`poll_now_and_wait`, `beat_now`, `check_now`: the
+//! clock-free hooks tests drive a service with) did not complete.
 
+use std::fmt;
 use std::future::Future;
 
 use tokio::task::JoinHandle;
@@ -45,6 +49,27 @@ impl RunningTask {
     pub fn stop(self) {
         self.token.cancel();
         self.handle.abort();
+    }
+}
+
+/// Why a requested run of a service's loop did not complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotDone {
+    /// The service was not started (or already stopped) when the run was asked for.
+    NotRunning,
+    /// The service stopped before the run completed.
+    Stopped,
+    /// A poll was asked for before any handler was set: nothing would be consumed.
+    NoHandler,
+}
+
+impl fmt::Display for NotDone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::NotRunning => "not running (call start() first)",
+            Self::Stopped => "stopped before it completed",
+            Self::NoHandler => "no handler yet (call onMessage() first)",
+        })
     }
 }
 

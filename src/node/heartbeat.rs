@@ -9,7 +9,7 @@ use napi_derive::napi;
 use super::config::Fields;
 use super::lifetime::Liveness;
 use crate::core::credentials::{ApiKey, Credentials};
-use crate::core::heartbeat::{DEFAULT_INTERVAL, Heartbeat};
+use crate::core::heartbeat::{BeatOutcome, DEFAULT_INTERVAL, Heartbeat};
 use crate::core::local;
 use crate::core::signaldock::SignalDock;
 
@@ -19,6 +19,27 @@ pub struct JsHeartbeatStatus {
     pub consecutive_failures: u32,
     pub beats: f64,
     pub last_error: Option<String>,
+}
+
+/// What `beatNow()` resolves with.
+#[napi(object, js_name = "BeatNowResult")]
+pub struct JsBeatOutcome {
+    /// The server answered 2xx.
+    pub ok: bool,
+    /// Why the beat failed, without secrets.
+    pub error: Option<String>,
+    /// Failed beats in a row, this one included.
+    pub consecutive_failures: u32,
+}
+
+impl From<BeatOutcome> for JsBeatOutcome {
+    fn from(o: BeatOutcome) -> Self {
+        Self {
+            ok: o.ok,
+            error: o.error,
+            consecutive_failures: o.consecutive_failures,
+        }
+    }
 }
 
 pub struct HeartbeatCore {
@@ -127,5 +148,15 @@ impl HeartbeatService {
             beats: s.beats as f64,
             last_error: s.last_error,
         }
+    }
+
+    /// One beat now (the schedule is left alone); resolves with its outcome.
+    #[napi]
+    pub async fn beat_now(&self) -> Result<JsBeatOutcome> {
+        let pending = self.inner.core.beat_now();
+        pending
+            .await
+            .map(Into::into)
+            .map_err(|e| Error::from_reason(format!("HeartbeatService.beatNow: {e}")))
     }
 }

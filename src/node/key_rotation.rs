@@ -11,7 +11,7 @@ use super::config::Fields;
 use super::js::JsThread;
 use super::lifetime::Liveness;
 use crate::core::credentials::Credentials;
-use crate::core::key_rotation::{KeyRotation, KeyRotationConfig};
+use crate::core::key_rotation::{CheckOutcome, KeyRotation, KeyRotationConfig};
 
 #[napi(object, js_name = "KeyRotationStatus")]
 pub struct JsKeyRotationStatus {
@@ -21,6 +21,27 @@ pub struct JsKeyRotationStatus {
     pub checks: f64,
     pub rotations: f64,
     pub last_error: Option<String>,
+}
+
+/// What `checkNow()` resolves with.
+#[napi(object, js_name = "CheckNowResult")]
+pub struct JsCheckOutcome {
+    /// The key was older than `maxKeyAgeMs` and `registry.rotateKey` was called.
+    pub rotated: bool,
+    /// The registry held a newer key (rotated elsewhere), which the runtime now uses.
+    pub adopted: bool,
+    /// Why the check failed, without secrets.
+    pub error: Option<String>,
+}
+
+impl From<CheckOutcome> for JsCheckOutcome {
+    fn from(o: CheckOutcome) -> Self {
+        Self {
+            rotated: o.rotated,
+            adopted: o.adopted,
+            error: o.error,
+        }
+    }
 }
 
 pub struct KeyRotationCore {
@@ -126,5 +147,15 @@ impl KeyRotationService {
             rotations: s.rotations as f64,
             last_error: s.last_error,
         }
+    }
+
+    /// One check now, also before the first scheduled one; resolves with what it did.
+    #[napi]
+    pub async fn check_now(&self) -> Result<JsCheckOutcome> {
+        let pending = self.inner.core.check_now();
+        pending
+            .await
+            .map(Into::into)
+            .map_err(|e| Error::from_reason(format!("KeyRotationService.checkNow: {e}")))
     }
 }

@@ -14,7 +14,7 @@ use super::js::{JsThread, type_error};
 use super::lifetime::Liveness;
 use super::runtime_context;
 use crate::core::credentials::{ApiKey, Credentials};
-use crate::core::poller::{Poller, PollerConfig, PollerStatus};
+use crate::core::poller::{PollReport, Poller, PollerConfig, PollerStatus};
 use crate::core::signaldock::SignalDock;
 use crate::core::transport::{DirectSource, GroupFeed, PeekSource};
 
@@ -46,6 +46,28 @@ impl From<PollerStatus> for JsPollerStatus {
             last_error: s.last_error,
             realtime: s.realtime,
             pending_acks: s.pending_acks as u32,
+        }
+    }
+}
+
+/// What `pollNow()` resolves with.
+#[napi(object, js_name = "PollNowResult")]
+pub struct JsPollReport {
+    /// Handler calls that returned or resolved between the call and the answer (whichever
+    /// path brought the message).
+    pub handled: f64,
+    /// Handler calls that threw or rejected in the same span.
+    pub failed: f64,
+    /// Tracks that failed or waited out a `Retry-After` (`direct: …`, `group <id>: …`).
+    pub errors: Vec<String>,
+}
+
+impl From<PollReport> for JsPollReport {
+    fn from(r: PollReport) -> Self {
+        Self {
+            handled: r.handled as f64,
+            failed: r.failed as f64,
+            errors: r.errors,
         }
     }
 }
@@ -298,5 +320,16 @@ impl AgentPoller {
     #[napi]
     pub fn status(&self) -> JsPollerStatus {
         self.inner.core.status().into()
+    }
+
+    /// One cycle over every track now, then the next pages while pages are full; resolves
+    /// once what it found has been handled and acked. No clock involved: the hook for tests.
+    #[napi]
+    pub async fn poll_now(&self) -> Result<JsPollReport> {
+        let pending = self.inner.core.poll_now_and_wait();
+        pending
+            .await
+            .map(Into::into)
+            .map_err(|e| Error::from_reason(format!("AgentPoller.pollNow: {e}")))
     }
 }

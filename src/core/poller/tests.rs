@@ -1352,3 +1352,123 @@ async fn rows_cut_off_a_page_inside_one_second_are_read_before_newer_rows_bury_t
     want.sort();
     assert_eq!(got, want, "every mention once, none buried");
 }
+
+// ---------------------------------------------------------------------------------------
+// poll_now_and_wait: the clock-free hook
+
+#[tokio::test(start_paused = true)]
+async fn poll_now_and_wait_needs_a_running_poller_with_a_handler() {
+    let r = Rig::new(&[]);
+    assert_eq!(r.poller.poll_now_and_wait().await, Err(NotDone::NotRunning));
+    r.poller.start();
+    assert_eq!(r.poller.poll_now_and_wait().await, Err(NotDone::NoHandler));
+    r.handle();
+    assert_eq!(
+        r.poller.poll_now_and_wait().await,
+        Ok(PollReport::default())
+    );
+    r.poller.stop();
+    assert_eq!(r.poller.poll_now_and_wait().await, Err(NotDone::NotRunning));
+}
+
+#[tokio::test(start_paused = true)]
+async fn poll_now_and_wait_resolves_once_every_page_found_is_handled_and_acked() {
+    let mut r = Rig::with_config(&["g"], |c| c.poll_interval = Duration::from_secs(3600));
+    r.handle_with(Recorder::new().failing(&["d7"]));
+    r.poller.start();
+    r.at(10).await;
+    assert_eq!(r.direct.poll_times(), [0]);
+    // 120 direct messages (three pages) and two mentions, an hour before the next tick.
+    r.at(1000).await;
+    r.direct.push(dms(1..=120));
+    r.groups.add("g", mention_rows("g", 1..=2));
+    let report = r.poller.poll_now_and_wait().await.unwrap();
+    assert_eq!(
+        report,
+        PollReport {
+            handled: 121,
+            failed: 1,
+            errors: vec![],
+        }
+    );
+    // Everything was handled and acked by the time it resolved, with no time passing.
+    assert_eq!(since_millis(r.t0), 1000);
+    assert_eq!(r.handler.count(), 122);
+    assert_eq!(r.direct.acked().len(), 120);
+    assert!(r.direct.pending_ids().is_empty());
+    // Three pages at least (and polls after acks, which find nothing), all at once.
+    let polls = r.direct.poll_times();
+    assert!(polls.len() >= 4, "{polls:?}");
+    assert!(
+        polls[0] == 0 && polls[1..].iter().all(|&t| t == 1000),
+        "{polls:?}"
+    );
+    assert_eq!(r.groups.request_times("g")[0], 0);
+    assert!(r.groups.request_times("g")[1..].iter().all(|&t| t == 1000));
+    // The schedule is left alone: the next cycle is an hour after the first.
+    r.at(3_599_000).await;
+    assert_eq!(r.direct.poll_times().len(), polls.len());
+    r.at(3_600_010).await;
+    assert_eq!(r.direct.poll_times().len(), polls.len() + 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn poll_now_and_wait_reports_failed_tracks_and_a_stop() {
+    let mut r = Rig::with_config(&["g"], |c| c.poll_interval = Duration::from_secs(3600));
+    r.handle_with(Recorder::new().hanging_on(&["d2"]));
+    r.poller.start();
+    r.at(10).await;
+    r.direct
+        .with(|s| s.script.push_back(Err(server_error(503))));
+    r.groups
+        .fail("g", vec![rate_limited(Duration::from_secs(60))]);
+    let report = r.poller.poll_now_and_wait().await.unwrap();
+    assert_eq!(report.handled, 0);
+    assert_eq!(report.errors.len(), 2, "{:?}", report.errors);
+    assert!(
+        report.errors[0].starts_with("direct: "),
+        "{:?}",
+        report.errors
+    );
+    assert!(
+        report.errors[1].starts_with("group g: "),
+        "{:?}",
+        report.errors
+    );
+    // The group now waits out its Retry-After, and says so.
+    let report = r.poller.poll_now_and_wait().await.unwrap();
+    assert_eq!(
+        report.errors,
+        ["group g: waiting out the server's Retry-After"]
+    );
+    // A handler that never settles: the caller learns of the stop instead of hanging.
+    r.direct.push(dms(1..=3));
+    let pending = r.poller.poll_now_and_wait();
+    let stop = async {
+        r.at(5000).await;
+        assert_eq!(r.handler.ids(), strings(&["d1", "d2"]));
+        r.poller.stop();
+    };
+    let (result, ()) = tokio::join!(pending, stop);
+    assert_eq!(result, Err(NotDone::Stopped));
+}
+
+#[tokio::test(start_paused = true)]
+async fn poll_now_and_wait_drains_a_page_of_ties_it_can_only_page_past_once_acked() {
+    // The real server keeps whole seconds, and `since` is strictly after: 60 messages of one
+    // second cannot be paged past while the first 50 are unacked. A second round, after
+    // those are handled and acked, finds the other 10.
+    let mut r = Rig::with_config(&[], |c| c.poll_interval = Duration::from_secs(3600));
+    r.handle_with(Recorder::new());
+    r.poller.start();
+    r.at(10).await;
+    r.direct.push(
+        (1..=60)
+            .map(|i| message_with(&format!("t{i}"), "tie", 1))
+            .collect(),
+    );
+    let report = r.poller.poll_now_and_wait().await.unwrap();
+    assert_eq!(report.handled, 60);
+    assert_eq!(r.handler.count(), 60);
+    assert!(r.direct.pending_ids().is_empty());
+}
