@@ -314,7 +314,14 @@ describe('restart continuity', () => {
     // In order within each runtime.
     expectInOrder(a.started, dms.filter((id) => a.started.includes(id)), 'A direct');
     expectInOrder(b.started, dms.filter((id) => b.started.includes(id)), 'B direct');
-    expectInOrderBySecond(b.started, postStamps, 'B group');
+    // Rows of the first page's oldest second that did not fit on it come in a later read
+    // (the listing cannot say whether they predate the runtime): they are not ordered
+    // against that page.
+    const secondOf = (id) => Math.floor(Date.parse(postStamps.get(id)) / 1000);
+    const firstPage = b.started.filter((id) => postStamps.has(id)).slice(0, 15);
+    const bFloor = Math.min(...firstPage.map(secondOf));
+    const afterFloor = new Map([...postStamps].filter(([id]) => secondOf(id) > bFloor));
+    expectInOrderBySecond(b.started, afterFloor, 'B group');
   }, 60_000);
 
   it('over the stream: what the handler settled is never delivered again; what the server pushed and the handler had not settled at stop() is not offered again (at-most-once)', async () => {
