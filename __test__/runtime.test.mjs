@@ -271,6 +271,8 @@ describe('KeyRotationService', () => {
     expect(registry.calls).toHaveLength(0);
     await waitFor(() => registry.rotations === 1, { what: 'rotation', timeoutMs: 5000 });
     expect(Date.now() - t0).toBeGreaterThanOrEqual(4900);
+    // rotations counts the call; lastRotationAt is set once rotateKey has resolved.
+    await waitFor(() => kr.status().lastRotationAt, { what: 'lastRotationAt' });
     expect(Date.parse(kr.status().lastRotationAt)).toBeGreaterThan(t0);
   }, 20_000);
 

@@ -596,7 +596,8 @@ describe('createRuntime with SSE', () => {
     expect(handle.sseConnection.status()).toMatchObject({ running: true, transportName: 'sse', state: 'connected', reconnects: 0 });
     // Its messages go to the poller's handler, which counts them.
     expect(handle.sseConnection.status().failed).toBeUndefined();
-    expect(typeof handle.sseConnection.status().lastEventAt).toBe('string');
+    // The first event (the server's `connected`) may be read a moment after the state turns.
+    await waitFor(() => typeof handle.sseConnection.status().lastEventAt === 'string', { what: 'the first event' });
     await waitFor(() => handle.poller.status().realtime === true, { what: 'realtime flag' });
     expect(sd.streams('alice')).toBe(1);
     const [req] = streamRequests();

@@ -117,6 +117,11 @@ pub struct Credentials {
     /// The key a REST call last succeeded with: tells a refused stream apart from a
     /// refused key.
     accepted: RwLock<Option<ApiKey>>,
+    /// The key the stream refused (401) before any REST call had succeeded with it: the
+    /// stream and REST race at start, so either may learn of the other first.
+    stream_refused: RwLock<Option<ApiKey>>,
+    /// Said once: the stream refuses a key REST accepts.
+    warned_stream_auth: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Credentials {
@@ -138,6 +143,8 @@ impl Credentials {
             }),
             rotations: watch::channel(0).0,
             accepted: RwLock::new(None),
+            stream_refused: RwLock::new(None),
+            warned_stream_auth: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -189,6 +196,39 @@ impl Credentials {
         }
         drop(known);
         *self.accepted.write().unwrap_or_else(|e| e.into_inner()) = Some(key.clone());
+        if self
+            .stream_refused
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            == Some(key)
+        {
+            self.warn_stream_auth();
+        }
+    }
+
+    /// The SSE stream answered 401 to `key`. When REST calls succeed with the same key, the
+    /// stream route refuses header auth: said once, whichever of the two is learnt first.
+    pub fn note_stream_refused(&self, key: &ApiKey) {
+        if self.was_accepted(key) {
+            self.warn_stream_auth();
+        } else {
+            *self
+                .stream_refused
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = Some(key.clone());
+        }
+    }
+
+    fn warn_stream_auth(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.warned_stream_auth.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "the SSE stream answers 401 to the key that REST calls succeed with: the \
+                 stream route refuses header auth here; polling keeps delivering, and the \
+                 stream keeps retrying"
+            );
+        }
     }
 
     /// Whether a REST call has succeeded with `key` (the last key one succeeded with).
@@ -297,6 +337,39 @@ mod tests {
         ] {
             assert!(!usable_agent_id(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_refused_stream_and_an_accepted_key_meet_in_either_order() {
+        let key = ApiKey::new("k");
+        let stream_first = Credentials::new("alice", key.clone());
+        stream_first.note_stream_refused(&key);
+        assert!(
+            !stream_first
+                .warned_stream_auth
+                .load(std::sync::atomic::Ordering::Relaxed)
+        );
+        stream_first.note_accepted(&key);
+        assert!(
+            stream_first
+                .warned_stream_auth
+                .load(std::sync::atomic::Ordering::Relaxed)
+        );
+
+        let rest_first = Credentials::new("alice", key.clone());
+        rest_first.note_accepted(&key);
+        rest_first.note_stream_refused(&ApiKey::new("other"));
+        assert!(
+            !rest_first
+                .warned_stream_auth
+                .load(std::sync::atomic::Ordering::Relaxed)
+        );
+        rest_first.note_stream_refused(&key);
+        assert!(
+            rest_first
+                .warned_stream_auth
+                .load(std::sync::atomic::Ordering::Relaxed)
+        );
     }
 
     #[tokio::test(start_paused = true)]

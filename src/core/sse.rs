@@ -34,7 +34,7 @@ mod policy;
 #[cfg(test)]
 mod tests;
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -177,8 +177,6 @@ struct Shared {
     last_event_ms: AtomicI64,
     last_error: Mutex<Option<String>>,
     last_event_id: Mutex<Option<String>>,
-    /// Said once: the stream refuses a key REST accepts.
-    warned_stream_auth: AtomicBool,
 }
 
 /// An SSE client for one agent. `start`/`stop` are idempotent; dropping it stops it.
@@ -202,7 +200,6 @@ impl SseClient {
                 last_event_ms: AtomicI64::new(0),
                 last_error: Mutex::new(None),
                 last_event_id: Mutex::new(None),
-                warned_stream_auth: AtomicBool::new(false),
             }),
             task: Mutex::new(None),
             span: tracing::Span::current(),
@@ -342,16 +339,8 @@ async fn run(shared: Arc<Shared>, sink: Arc<dyn SseSink>, token: CancellationTok
             End::Unauthorized if !is_alternate => shared.credentials.alternate(&key),
             _ => None,
         };
-        if outcome.end == End::Unauthorized
-            && shared.credentials.was_accepted(&key)
-            && !shared.warned_stream_auth.swap(true, Ordering::Relaxed)
-        {
-            tracing::warn!(
-                endpoint = %shared.credentials.scrub(config.url.as_str()),
-                "the SSE stream answers 401 to the key that REST calls succeed with: the \
-                 stream route refuses header auth here; polling keeps delivering, and the \
-                 stream keeps retrying"
-            );
+        if outcome.end == End::Unauthorized {
+            shared.credentials.note_stream_refused(&key);
         }
         let pause = policy::plan(
             config,
