@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -24,7 +23,7 @@ use super::error::Result;
 use super::local::LocalTransport;
 use super::signaldock::SignalDock;
 use super::sync::lock;
-use super::task::{NotDone, RunningTask};
+use super::task::{Asked, Asker, NotDone, RunningTask};
 
 /// The default interval (API.md).
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
@@ -66,11 +65,9 @@ pub struct BeatOutcome {
     pub consecutive_failures: u32,
 }
 
-type BeatRequest = oneshot::Sender<BeatOutcome>;
-
 struct Running {
     task: RunningTask,
-    requests: mpsc::UnboundedSender<BeatRequest>,
+    requests: Asker<BeatOutcome>,
 }
 
 #[derive(Default)]
@@ -112,7 +109,7 @@ impl Heartbeat {
             .store(0, Ordering::Relaxed);
         let (beat, counters, interval) = (self.beat.clone(), self.counters.clone(), self.interval);
         let _in_span = self.span.enter();
-        let (requests, asked) = mpsc::unbounded_channel();
+        let (requests, asked) = Asker::new();
         *task = Some(Running {
             task: RunningTask::spawn(move |token| run(beat, counters, interval, asked, token)),
             requests,
@@ -131,17 +128,7 @@ impl Heartbeat {
     pub fn beat_now(
         &self,
     ) -> impl Future<Output = std::result::Result<BeatOutcome, NotDone>> + Send + 'static {
-        let (tx, rx) = oneshot::channel();
-        let asked = lock(&self.task)
-            .as_ref()
-            .is_some_and(|running| running.requests.send(tx).is_ok());
-        async move {
-            if !asked {
-                return Err(NotDone::NotRunning);
-            }
-            // The loop drops the sender when it is stopped mid-beat.
-            rx.await.map_err(|_| NotDone::Stopped)
-        }
+        Asker::ask(lock(&self.task).as_ref().map(|running| &running.requests))
     }
 
     pub fn status(&self) -> HeartbeatStatus {
@@ -164,7 +151,7 @@ async fn run(
     beat: Arc<dyn Beat>,
     counters: Arc<Counters>,
     interval: Duration,
-    mut asked: mpsc::UnboundedReceiver<BeatRequest>,
+    mut asked: Asked<BeatOutcome>,
     token: CancellationToken,
 ) {
     let mut ticks = tokio::time::interval(interval);

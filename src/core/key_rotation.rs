@@ -21,7 +21,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -29,7 +28,7 @@ use super::clock;
 use super::credentials::{ApiKey, Credentials};
 use super::error::Result;
 use super::sync::lock;
-use super::task::{NotDone, RunningTask};
+use super::task::{Asked, Asker, NotDone, RunningTask};
 
 /// What the rotation service reads from a registry's credential.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -87,11 +86,9 @@ pub struct CheckOutcome {
     pub error: Option<String>,
 }
 
-type CheckRequest = oneshot::Sender<CheckOutcome>;
-
 struct Running {
     task: RunningTask,
-    requests: mpsc::UnboundedSender<CheckRequest>,
+    requests: Asker<CheckOutcome>,
 }
 
 #[derive(Default)]
@@ -141,7 +138,7 @@ impl KeyRotation {
             state: self.state.clone(),
         };
         let _in_span = self.span.enter();
-        let (requests, asked) = mpsc::unbounded_channel();
+        let (requests, asked) = Asker::new();
         *task = Some(Running {
             task: RunningTask::spawn(move |token| run(check, asked, token)),
             requests,
@@ -162,16 +159,7 @@ impl KeyRotation {
         &self,
     ) -> impl std::future::Future<Output = std::result::Result<CheckOutcome, NotDone>> + Send + 'static
     {
-        let (tx, rx) = oneshot::channel();
-        let asked = lock(&self.task)
-            .as_ref()
-            .is_some_and(|running| running.requests.send(tx).is_ok());
-        async move {
-            if !asked {
-                return Err(NotDone::NotRunning);
-            }
-            rx.await.map_err(|_| NotDone::Stopped)
-        }
+        Asker::ask(lock(&self.task).as_ref().map(|running| &running.requests))
     }
 
     pub fn status(&self) -> KeyRotationStatus {
@@ -198,11 +186,7 @@ struct Check {
     state: Arc<State>,
 }
 
-async fn run(
-    check: Check,
-    mut asked: mpsc::UnboundedReceiver<CheckRequest>,
-    token: CancellationToken,
-) {
+async fn run(check: Check, mut asked: Asked<CheckOutcome>, token: CancellationToken) {
     // The first tick is the first check; the interval runs from there.
     let first = Instant::now() + check.config.first_check;
     let mut ticks = tokio::time::interval_at(first, check.config.check_interval);

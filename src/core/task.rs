@@ -10,7 +10,8 @@
 //! ([`crate::logging::LogScope`]).
 //!
 //! [`NotDone`] is why an on-demand run (`poll_now_and_wait`, `beat_now`, `check_now`: the
-//! clock-free hooks tests drive a service with) did not complete.
+//! clock-free hooks tests drive a service with) did not complete; [`Asker`] is how a caller
+//! asks a running loop for such a run and waits for its outcome (a bounded queue).
 
 use std::fmt;
 use std::future::Future;
@@ -70,6 +71,41 @@ impl fmt::Display for NotDone {
             Self::Stopped => "stopped before it completed",
             Self::NoHandler => "no handler yet (call onMessage() first)",
         })
+    }
+}
+
+/// Requests that can be waiting for one loop's on-demand run, before callers wait for room.
+/// Each waits on its own answer, and the loop answers everyone waiting with one run.
+pub const MAX_WAITING_REQUESTS: usize = 64;
+
+/// A caller's way to ask a running loop for one run now and get its outcome `T` back
+/// (`beat_now`, `check_now`). Bounded: past [`MAX_WAITING_REQUESTS`] callers wait for room.
+pub struct Asker<T> {
+    requests: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<T>>,
+}
+
+/// The loop's end of an [`Asker`].
+pub type Asked<T> = tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<T>>;
+
+impl<T: Send + 'static> Asker<T> {
+    pub fn new() -> (Self, Asked<T>) {
+        let (requests, asked) = tokio::sync::mpsc::channel(MAX_WAITING_REQUESTS);
+        (Self { requests }, asked)
+    }
+
+    /// Asks for one run; `None` (not running) is [`NotDone::NotRunning`], a loop that stops
+    /// before answering is [`NotDone::Stopped`].
+    pub fn ask(
+        asker: Option<&Self>,
+    ) -> impl std::future::Future<Output = Result<T, NotDone>> + Send + use<T> {
+        let requests = asker.map(|a| a.requests.clone());
+        async move {
+            let requests = requests.ok_or(NotDone::NotRunning)?;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            requests.send(tx).await.map_err(|_| NotDone::NotRunning)?;
+            // The loop drops the sender when it is stopped mid-run.
+            rx.await.map_err(|_| NotDone::Stopped)
+        }
     }
 }
 
