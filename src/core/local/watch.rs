@@ -130,19 +130,6 @@ mod tests {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::Duration;
 
-    fn msg(id: &str) -> ConduitMessage {
-        ConduitMessage {
-            id: id.into(),
-            from: "bob".into(),
-            content: id.into(),
-            tags: None,
-            thread_id: None,
-            group_id: None,
-            timestamp: "2026-01-01T00:00:00.000Z".into(),
-            metadata: None,
-        }
-    }
-
     /// An inbox: pending messages, taken off by an ack; the ack can be made to fail.
     #[derive(Default)]
     struct Inbox {
@@ -154,7 +141,7 @@ mod tests {
 
     impl Inbox {
         fn add(&self, id: &str) {
-            lock(&self.pending).push(msg(id));
+            lock(&self.pending).push(ConduitMessage::with_id(id));
         }
     }
 

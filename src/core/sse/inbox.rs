@@ -140,19 +140,6 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
-    fn msg(id: &str) -> ConduitMessage {
-        ConduitMessage {
-            id: id.into(),
-            from: "bob".into(),
-            content: format!("content {id}"),
-            tags: None,
-            thread_id: None,
-            group_id: None,
-            timestamp: "2026-01-01T00:00:00.000Z".into(),
-            metadata: None,
-        }
-    }
-
     fn ids(messages: &[ConduitMessage]) -> Vec<&str> {
         messages.iter().map(|m| m.id.as_str()).collect()
     }
@@ -206,7 +193,7 @@ mod tests {
 
     fn peek(rows: &[&str], fail: bool) -> Peek {
         Peek {
-            rows: rows.iter().map(|id| msg(id)).collect(),
+            rows: rows.iter().map(|id| ConduitMessage::with_id(id)).collect(),
             fail,
             asked: Mutex::default(),
         }
@@ -216,12 +203,12 @@ mod tests {
     async fn full_buffer_waits_for_room_and_keeps_order() {
         let inbox = Arc::new(Inbox::new(Arc::new(Recorder::default()), 3));
         for id in ["a", "b", "c"] {
-            inbox.deliver(msg(id)).await;
+            inbox.deliver(ConduitMessage::with_id(id)).await;
         }
         let stream = inbox.clone();
         let waiting = tokio::spawn(async move {
-            stream.deliver(msg("d")).await;
-            stream.deliver(msg("e")).await;
+            stream.deliver(ConduitMessage::with_id("d")).await;
+            stream.deliver(ConduitMessage::with_id("e")).await;
         });
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(
@@ -239,11 +226,11 @@ mod tests {
     async fn subscribers_take_over_from_the_buffer() {
         let subscribers = Arc::new(Recorder::default());
         let inbox = Inbox::new(subscribers.clone(), 10);
-        inbox.deliver(msg("a")).await;
+        inbox.deliver(ConduitMessage::with_id("a")).await;
         subscribers.on.store(true, Ordering::SeqCst);
         // The boundary hands the backlog to the new subscriber, then the stream goes to it.
         assert_eq!(ids(&inbox.take_all()), ["a"]);
-        inbox.deliver(msg("b")).await;
+        inbox.deliver(ConduitMessage::with_id("b")).await;
         assert!(inbox.is_empty());
         assert_eq!(*lock(&subscribers.got), ["b"]);
     }
@@ -252,9 +239,10 @@ mod tests {
     async fn a_delivery_waiting_for_room_goes_to_a_new_subscriber() {
         let subscribers = Arc::new(Recorder::default());
         let inbox = Arc::new(Inbox::new(subscribers.clone(), 1));
-        inbox.deliver(msg("a")).await;
+        inbox.deliver(ConduitMessage::with_id("a")).await;
         let stream = inbox.clone();
-        let waiting = tokio::spawn(async move { stream.deliver(msg("b")).await });
+        let waiting =
+            tokio::spawn(async move { stream.deliver(ConduitMessage::with_id("b")).await });
         tokio::time::sleep(Duration::from_secs(1)).await;
         subscribers.on.store(true, Ordering::SeqCst);
         assert_eq!(ids(&inbox.take_all()), ["a"]);
@@ -267,7 +255,7 @@ mod tests {
     async fn poll_fills_the_page_from_the_peek_without_duplicates() {
         let inbox = Inbox::new(Arc::new(Recorder::default()), 10);
         for id in ["a", "b"] {
-            inbox.deliver(msg(id)).await;
+            inbox.deliver(ConduitMessage::with_id(id)).await;
         }
         let source = peek(&["b", "q1", "q2", "q3"], false);
         let got = inbox.poll(&source, 4, None).await.unwrap();
@@ -280,7 +268,7 @@ mod tests {
 
         // A full page from the buffer asks nothing of the server.
         for id in ["c", "d"] {
-            inbox.deliver(msg(id)).await;
+            inbox.deliver(ConduitMessage::with_id(id)).await;
         }
         let quiet = peek(&["x"], false);
         assert_eq!(ids(&inbox.poll(&quiet, 2, None).await.unwrap()), ["c", "d"]);
@@ -292,7 +280,7 @@ mod tests {
         let inbox = Inbox::new(Arc::new(Recorder::default()), 10);
         let down = peek(&[], true);
         assert!(inbox.poll(&down, 5, None).await.is_err());
-        inbox.deliver(msg("a")).await;
+        inbox.deliver(ConduitMessage::with_id("a")).await;
         let got = inbox.poll(&down, 5, None).await.unwrap();
         assert_eq!(
             ids(&got),
