@@ -168,8 +168,7 @@ impl SseTransport {
 impl SseTransport {
     /// The runtime's transport: REST plus the runtime's own stream (whose messages go to
     /// the poller, so this object's buffer stays empty and `poll()` is a peek).
-    pub fn from_parts(env: &Env, client: Arc<SseClient>, rest: Arc<SignalDock>) -> Result<Self> {
-        let js = JsThread::new(env)?;
+    pub fn from_parts(js: JsThread, client: Arc<SseClient>, rest: Arc<SignalDock>) -> Self {
         let inbox = Arc::new(StreamInbox {
             buffer: Mutex::default(),
             drained: Notify::new(),
@@ -177,7 +176,7 @@ impl SseTransport {
             next_id: Mutex::new(0),
             js: js.clone(),
         });
-        Ok(Self {
+        Self {
             connected: Arc::new(Mutex::new(Some(Connected {
                 client,
                 rest,
@@ -186,20 +185,25 @@ impl SseTransport {
             shared_credentials: None,
             js,
             live: Arc::default(),
-        })
+        }
     }
 }
 
 #[napi]
 impl SseTransport {
     #[napi(constructor)]
-    pub fn new(env: Env) -> Result<Self> {
-        Ok(Self {
+    pub fn new() -> Self {
+        // Subscribers are called through a queue open while the stream is (connect to
+        // disconnect).
+        let js = JsThread::closed();
+        let live = Arc::new(Liveness::default());
+        live.tie(js.clone());
+        Self {
             connected: Arc::default(),
             shared_credentials: None,
-            js: JsThread::new(&env)?,
-            live: Arc::default(),
-        })
+            js,
+            live,
+        }
     }
 
     #[napi(getter, ts_return_type = "'sse'")]
@@ -464,12 +468,17 @@ pub struct SseConnectionCore {
 
 impl SseConnectionCore {
     pub fn new(source: SseSource, target: SseTarget, transport_name: String) -> Arc<Self> {
+        // A JS transport's calls go through its queue, open while the service runs.
+        let live = Liveness::default();
+        if let SseSource::Js { transport, .. } = &source {
+            live.tie(transport.js().clone());
+        }
         Arc::new(Self {
             source,
             target: Arc::new(target),
             running: Mutex::new(false),
             transport_name,
-            live: Liveness::default(),
+            live,
             stats: Arc::default(),
         })
     }
@@ -724,7 +733,7 @@ impl SseConnectionService {
         let transport = fields
             .object_with("transport", &["connect", "disconnect"])?
             .ok_or_else(|| type_error(&env, "SseConnectionService: config.transport must be an object with connect(), disconnect()"))?;
-        let transport = Arc::new(JsTransport::new(&transport, JsThread::new(&env)?)?);
+        let transport = Arc::new(JsTransport::new(&transport, JsThread::closed())?);
         let mut connect_config =
             json!({ "agentId": agent_id, "apiKey": api_key, "apiBaseUrl": api_base_url });
         if let Some(endpoint) = sse_endpoint {

@@ -304,15 +304,16 @@ pub struct LocalTransport {
 
 impl LocalTransport {
     /// A transport already connected (the runtime's resolution).
-    pub fn from_core(env: &Env, core: local::LocalTransport) -> Result<Self> {
-        Ok(Self {
+    /// Its subscribers are called through the runtime's queue (`js`), open while it runs.
+    pub fn from_core(js: JsThread, core: local::LocalTransport) -> Self {
+        Self {
             db_path: Some(core.path().to_path_buf()),
             connected: Arc::new(Mutex::new(Some(core))),
-            js: JsThread::new(env)?,
+            js,
             subscriptions: Arc::default(),
             next_subscription: Mutex::new(0),
             live: Arc::default(),
-        })
+        }
     }
 
     /// The connection slot, for the runtime that owns this transport to close at `stop()`.
@@ -338,13 +339,17 @@ impl LocalTransport {
     )]
     pub fn new(env: Env, options: Option<Unknown>) -> Result<Self> {
         let fields = Fields::new(&env, "LocalTransport", options, true)?;
+        // Subscribers are called through a queue open while a subscription is live.
+        let js = JsThread::closed();
+        let live = Arc::new(Liveness::default());
+        live.tie(js.clone());
         Ok(Self {
             db_path: fields.string("dbPath")?.map(Into::into),
             connected: Arc::default(),
-            js: JsThread::new(&env)?,
+            js,
             subscriptions: Arc::default(),
             next_subscription: Mutex::new(0),
-            live: Arc::default(),
+            live,
         })
     }
 
