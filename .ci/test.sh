@@ -28,8 +28,14 @@ npx tsc -p __test__/types/tsconfig.json
 step "vitest (ESM, through the package entry)"
 npx vitest run
 
-step "jest (CommonJS, through the package entry)"
-npx jest --config __test__/jest/jest.config.cjs
+step "jest (CommonJS, through the package entry; nothing left open after stop())"
+JEST_LOG="$(mktemp)"
+npx jest --config __test__/jest/jest.config.cjs --detectOpenHandles 2>&1 | tee "$JEST_LOG"
+# Jest only prints what --detectOpenHandles finds (the run still passes): fail on it here.
+if grep -q "detected the following .* open handle" "$JEST_LOG"; then
+  rm -f "$JEST_LOG"; echo "jest --detectOpenHandles found open handles (above)" >&2; exit 1
+fi
+rm -f "$JEST_LOG"
 
 step "packaging: the tarballs installed into a fresh project (import, require, types, one message)"
 bash .ci/pack-test.sh

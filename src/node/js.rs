@@ -55,43 +55,72 @@ const MAX_NODES: usize = 1_000_000;
 type Job = Box<dyn FnOnce(&Env) + Send>;
 type JobQueue = ThreadsafeFunction<Job, (), (), Status, false, true, QUEUE_SIZE>;
 
-/// Runs closures on the JS thread. Cheap to clone.
+/// Runs closures on the JS thread. Cheap to clone; clones share one queue.
+///
+/// The queue is open from [`JsThread::new`] until [`JsThread::close`], and again after
+/// [`JsThread::open`]: a running service keeps its queues open (through
+/// [`super::lifetime::Liveness`]), a stopped one closes them. An open threadsafe function is a
+/// live async resource to Node (Jest's `--detectOpenHandles` lists it), so a stopped service
+/// must not leave one behind until the garbage collector happens to finalize its wrapper.
 #[derive(Clone)]
 pub struct JsThread {
-    queue: Arc<JobQueue>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    queue: Mutex<Option<Arc<JobQueue>>>,
+    /// Jobs run in the span current at [`JsThread::new`].
+    span: tracing::Span,
 }
 
 impl JsThread {
     /// Jobs run in the span current here (a runtime's [`crate::logging::LogScope`]), so what
     /// they log reaches that runtime's logger.
     pub fn new(env: &Env) -> Result<Self> {
-        let span = tracing::Span::current();
-        let noop = env.create_function_from_closure::<(), (), _>("cleoRuntimeJob", |_| Ok(()))?;
-        let queue = noop
-            .build_threadsafe_function::<Job>()
-            .callee_handled::<false>()
-            .weak::<true>()
-            .max_queue_size::<QUEUE_SIZE>()
-            .build_callback(move |ctx: ThreadsafeCallContext<Job>| {
-                let _in_span = span.enter();
-                (ctx.value)(&ctx.env);
-                // Whatever a job left pending would be rethrown into Node as uncaught (exit 1)
-                // when this callback returns: a job's errors are its caller's, never Node's.
-                if let Some(thrown) = take_exception(&ctx.env) {
-                    tracing::debug!(thrown, "cleared an exception a JS call left pending");
-                }
-                Ok(())
-            })?;
-        Ok(Self {
-            queue: Arc::new(queue),
-        })
+        let js = Self::closed();
+        js.open(env)?;
+        Ok(js)
+    }
+
+    /// A queue that opens later ([`JsThread::open`], or the hold of the service it is tied
+    /// to): for an object that may never call JS (a transport never connected).
+    pub fn closed() -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                queue: Mutex::new(None),
+                span: tracing::Span::current(),
+            }),
+        }
+    }
+
+    /// Opens the queue again after [`JsThread::close`]; nothing when it is open.
+    pub fn open(&self, env: &Env) -> Result<()> {
+        let mut queue = lock(&self.shared.queue);
+        if queue.is_none() {
+            *queue = Some(Arc::new(job_queue(env, self.shared.span.clone())?));
+        }
+        Ok(())
+    }
+
+    /// Releases the queue: jobs already queued still run, later calls fail as if the
+    /// environment were gone, until [`JsThread::open`].
+    pub fn close(&self) {
+        let queue = lock(&self.shared.queue).take();
+        drop(queue);
+    }
+
+    /// Queues `job` without waiting; `Closing` when the queue is closed.
+    fn call(&self, job: Job) -> Status {
+        let queue = lock(&self.shared.queue).clone();
+        match queue {
+            Some(queue) => queue.call(job, ThreadsafeFunctionCallMode::NonBlocking),
+            None => Status::Closing,
+        }
     }
 
     /// Queues `job` without waiting for room; false when the queue is full or closed.
     pub fn fire(&self, job: impl FnOnce(&Env) + Send + 'static) -> bool {
-        self.queue
-            .call(Box::new(job), ThreadsafeFunctionCallMode::NonBlocking)
-            == Status::Ok
+        self.call(Box::new(job)) == Status::Ok
     }
 
     /// Runs `job` on the JS thread and returns its result. Waits while the queue is full.
@@ -109,15 +138,12 @@ impl JsThread {
         let slot = Arc::new(Mutex::new(Some(job)));
         loop {
             let handle = slot.clone();
-            let status = self.queue.call(
-                Box::new(move |env: &Env| {
-                    let job = lock(&handle).take();
-                    if let Some(job) = job {
-                        job(env);
-                    }
-                }),
-                ThreadsafeFunctionCallMode::NonBlocking,
-            );
+            let status = self.call(Box::new(move |env: &Env| {
+                let job = lock(&handle).take();
+                if let Some(job) = job {
+                    job(env);
+                }
+            }));
             match status {
                 Status::Ok => break,
                 Status::QueueFull => pause(Duration::from_millis(1)).await,
@@ -126,6 +152,25 @@ impl JsThread {
         }
         rx.await.map_err(|_| closing())?.map_err(CoreError::Js)
     }
+}
+
+/// The weak threadsafe function behind a [`JsThread`].
+fn job_queue(env: &Env, span: tracing::Span) -> Result<JobQueue> {
+    let noop = env.create_function_from_closure::<(), (), _>("cleoRuntimeJob", |_| Ok(()))?;
+    noop.build_threadsafe_function::<Job>()
+        .callee_handled::<false>()
+        .weak::<true>()
+        .max_queue_size::<QUEUE_SIZE>()
+        .build_callback(move |ctx: ThreadsafeCallContext<Job>| {
+            let _in_span = span.enter();
+            (ctx.value)(&ctx.env);
+            // Whatever a job left pending would be rethrown into Node as uncaught (exit 1)
+            // when this callback returns: a job's errors are its caller's, never Node's.
+            if let Some(thrown) = take_exception(&ctx.env) {
+                tracing::debug!(thrown, "cleared an exception a JS call left pending");
+            }
+            Ok(())
+        })
 }
 
 /// Holds the Node event loop open while a service runs, like an active timer. Dropping it
@@ -517,6 +562,10 @@ unsafe fn coerce_to_string(env: &Env, raw: sys::napi_value) -> Result<String> {
 pub struct PersistentObject {
     reference: Mutex<Option<ObjectRef<false>>>,
     js: JsThread,
+    /// The environment and thread that own the reference: a drop there (a collected
+    /// wrapper's finalizer) releases it directly, as it must when a stopped service has
+    /// already closed its queue.
+    home: (usize, std::thread::ThreadId),
 }
 
 impl PersistentObject {
@@ -524,6 +573,7 @@ impl PersistentObject {
         Ok(Self {
             reference: Mutex::new(Some(object.create_ref::<false>()?)),
             js,
+            home: (object.value().env as usize, std::thread::current().id()),
         })
     }
 
@@ -763,13 +813,21 @@ fn clear_exception(env: &Env) {
 impl Drop for PersistentObject {
     fn drop(&mut self) {
         let reference = lock(&self.reference).take();
-        if let Some(reference) = reference {
-            // Releasing a reference must happen on the JS thread. If the queue is gone the
-            // environment is tearing down and frees it anyway.
-            self.js.fire(move |env| {
-                let _ = reference.unref(env);
-            });
+        let Some(reference) = reference else {
+            return;
+        };
+        let (raw_env, thread) = self.home;
+        if std::thread::current().id() == thread {
+            // On its own thread the environment is still there: a drop there runs inside it.
+            let env = Env::from_raw(raw_env as sys::napi_env);
+            let _ = reference.unref(&env);
+            return;
         }
+        // Elsewhere, releasing must be queued to the JS thread. When the queue is closed the
+        // reference stays until its environment ends, which frees it.
+        self.js.fire(move |env| {
+            let _ = reference.unref(env);
+        });
     }
 }
 

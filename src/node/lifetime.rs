@@ -25,7 +25,7 @@ use std::sync::Mutex;
 use napi::bindgen_prelude::*;
 use napi::{Env, sys};
 
-use super::js::KeepAlive;
+use super::js::{JsThread, KeepAlive};
 use crate::core::sync::lock;
 
 /// What a service does when its environment goes away: stop its tasks. It must not call into
@@ -33,9 +33,12 @@ use crate::core::sync::lock;
 pub type Teardown = Box<dyn FnOnce() + Send>;
 
 /// A service's hold on the Node process and on its JS wrapper(s), taken when it starts and
-/// given back by `stop()`.
+/// given back by `stop()`; and the JS call queues it keeps open meanwhile ([`Liveness::tie`]).
 #[derive(Default)]
-pub struct Liveness(Mutex<Option<Held>>);
+pub struct Liveness {
+    held: Mutex<Option<Held>>,
+    queues: Mutex<Vec<JsThread>>,
+}
 
 struct Held {
     _keep_alive: KeepAlive,
@@ -46,6 +49,27 @@ struct Held {
 }
 
 impl Liveness {
+    /// Keeps `js` open while the service is held and closes it on [`Liveness::release`]: a
+    /// stopped service leaves no threadsafe function behind (an open one is an async resource
+    /// test runners report as a leaked handle). A closed queue opens again on the next hold.
+    pub fn tie(&self, js: JsThread) {
+        lock(&self.queues).push(js);
+    }
+
+    fn close_queues(&self) {
+        for js in lock(&self.queues).iter() {
+            js.close();
+        }
+    }
+
+    /// Opened before a service starts: its first tasks may call JS at once.
+    fn open_queues(&self, env: &Env) -> Result<()> {
+        for js in lock(&self.queues).iter() {
+            js.open(env)?;
+        }
+        Ok(())
+    }
+
     /// Runs `start` inside the tokio runtime; when it started something, holds the process
     /// and roots `wrapper` until [`Liveness::release`]. `teardown` stops the service if its
     /// environment goes away first.
@@ -57,12 +81,15 @@ impl Liveness {
         teardown: impl FnOnce() + Send + 'static,
     ) -> Result<()> {
         // Held across `start`, so a concurrent hold cannot interleave.
-        let mut held = lock(&self.0);
+        let mut held = lock(&self.held);
+        self.open_queues(env)?;
         if super::runtime_context(start) {
             *held = Some(Held::new(env, wrapper, Box::new(teardown))?);
         } else if let (Some(held), Some(wrapper)) = (held.as_mut(), wrapper) {
             // Already running (started through another wrapper): root this one too.
             held.roots.push(wrapper.create_ref::<false>()?);
+        } else if held.is_none() {
+            self.close_queues();
         }
         Ok(())
     }
@@ -74,7 +101,8 @@ impl Liveness {
         wrapper: Option<&Object<'_>>,
         teardown: impl FnOnce() + Send + 'static,
     ) -> Result<()> {
-        let mut held = lock(&self.0);
+        let mut held = lock(&self.held);
+        self.open_queues(env)?;
         match held.as_mut() {
             Some(held) => {
                 if let Some(wrapper) = wrapper {
@@ -89,7 +117,7 @@ impl Liveness {
     /// Roots one more wrapper of a running service (a wrapper handed out later); nothing when
     /// the service is not running.
     pub fn root(&self, wrapper: &Object<'_>) -> Result<()> {
-        if let Some(held) = lock(&self.0).as_mut() {
+        if let Some(held) = lock(&self.held).as_mut() {
             held.roots.push(wrapper.create_ref::<false>()?);
         }
         Ok(())
@@ -97,7 +125,7 @@ impl Liveness {
 
     /// Lets the process exit and the wrappers be collected. On the JS thread (`stop()`).
     pub fn release(&self, env: &Env) {
-        let Some(held) = lock(&self.0).take() else {
+        let Some(held) = lock(&self.held).take() else {
             return;
         };
         forget_teardown(held.entry);
@@ -105,12 +133,13 @@ impl Liveness {
             // Fails only when the environment is going away, which frees it anyway.
             let _ = root.unref(env);
         }
+        self.close_queues();
     }
 
     /// The environment is going away: its napi handles die with it, so they are forgotten
     /// rather than released (no call into a dying environment).
     pub fn abandon(&self) {
-        if let Some(held) = lock(&self.0).take() {
+        if let Some(held) = lock(&self.held).take() {
             std::mem::forget(held);
         }
     }

@@ -98,8 +98,8 @@ pub struct PollerSettings {
 }
 
 impl PollerCore {
-    pub fn build(env: &Env, settings: PollerSettings) -> Result<Arc<Self>> {
-        let js = JsThread::new(env)?;
+    pub fn build(settings: PollerSettings) -> Result<Arc<Self>> {
+        let js = JsThread::closed();
         let PollerSettings {
             config,
             credentials,
@@ -126,11 +126,13 @@ impl PollerCore {
             DirectPath::Js(t) => t.clone(),
             DirectPath::Native(s) => s.clone(),
         };
+        let live = Liveness::default();
+        live.tie(js.clone());
         Ok(Arc::new(Self {
             core: Poller::new(config, source, groups).with_secrets(credentials.clone()),
             direct,
             js,
-            live: Liveness::default(),
+            live,
         }))
     }
 
@@ -268,10 +270,13 @@ impl AgentPoller {
         if let Some(limit) = fields.positive_count("groupPollLimit", 1000)? {
             config.group_poll_limit = limit;
         }
+        // A standalone poller's JS transport calls go through a queue of its own, open while
+        // the poller runs (a runtime's transport uses the runtime's).
+        let transport_js = JsThread::closed();
         let direct = match transport {
             Some(object) => Some(DirectPath::Js(Arc::new(JsTransport::new(
                 &object,
-                JsThread::new(&env)?,
+                transport_js.clone(),
             )?))),
             None => None,
         };
@@ -282,9 +287,9 @@ impl AgentPoller {
             rest: None,
             direct,
         };
-        Ok(Self {
-            inner: PollerCore::build(&env, settings)?,
-        })
+        let inner = PollerCore::build(settings)?;
+        inner.live.tie(transport_js);
+        Ok(Self { inner })
     }
 
     /// Sets THE handler; a second call replaces the first.

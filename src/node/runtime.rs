@@ -679,10 +679,10 @@ async fn build_runtime(
     let sse_connect = json!({
         "agentId": credential.agent_id, "apiKey": credential.api_key, "apiBaseUrl": credential.api_base_url, "sseEndpoint": sse_endpoint,
     });
+    let runtime_js = js.clone();
     let started = js
         .run(move |env| {
             let poller = PollerCore::build(
-                env,
                 PollerSettings { config: poller_config, credentials: shared.clone(), api_base_url: api_base_url.clone(), rest: rest.clone(), direct: Some(direct) },
             )?;
             // Started now, so nothing that arrives is lost; without a handler it only waits.
@@ -751,11 +751,11 @@ async fn build_runtime(
                 OwnParts::Http(http) => Some(Either3::A(http)),
                 OwnParts::Sse(rest) => {
                     let client = stream.or(idle_stream).ok_or_else(|| Error::new(Status::GenericFailure, "no stream for the SSE transport".to_owned()))?;
-                    Some(Either3::B(SseTransport::from_parts(env, client, rest)?))
+                    Some(Either3::B(SseTransport::from_parts(runtime_js.clone(), client, rest)))
                 }
                 OwnParts::Local(local) => {
                     bridges.push(runtime_context(|| bridge_commits(local.clone(), poller.clone())));
-                    let transport = LocalTransport::from_core(env, local)?;
+                    let transport = LocalTransport::from_core(runtime_js.clone(), local);
                     local_slot = Some(transport.slot());
                     Some(Either3::C(transport))
                 }
@@ -770,11 +770,14 @@ async fn build_runtime(
     parts.sse = started.sse;
     parts.bridges = started.bridges;
     parts.local_slot = started.local_slot;
+    // The runtime's JS calls (registry, transport) go through `js`, open until `stop()`.
+    let live = Arc::new(Liveness::default());
+    live.tie(js);
     Ok(NativeRuntime {
         agent_id,
         log_scope,
         parts: Arc::new(Mutex::new(parts)),
-        live: Arc::default(),
+        live,
         own_transport: Mutex::new(started.own),
         handed: Mutex::new(Handed::default()),
         stopped: Mutex::new(false),

@@ -37,15 +37,16 @@ pub struct LocalTransport {
 }
 
 impl LocalTransport {
-    /// A transport already connected (the runtime's resolution).
-    pub fn from_core(env: &Env, core: local::LocalTransport) -> Result<Self> {
-        Ok(Self {
+    /// A transport already connected (the runtime's resolution). Its subscribers are called
+    /// through the runtime's queue (`js`), open while it runs.
+    pub fn from_core(js: JsThread, core: local::LocalTransport) -> Self {
+        Self {
             db_path: Some(core.path().to_path_buf()),
             connected: Arc::new(Mutex::new(Some(core))),
-            js: JsThread::new(env)?,
+            js,
             subscriptions: Arc::default(),
             live: Arc::default(),
-        })
+        }
     }
 
     /// The connection slot, for the runtime that owns this transport to close at `stop()`.
@@ -71,12 +72,16 @@ impl LocalTransport {
     )]
     pub fn new(env: Env, options: Option<Unknown>) -> Result<Self> {
         let fields = Fields::new(&env, "LocalTransport", options, true)?;
+        // Subscribers are called through a queue open while a subscription is live.
+        let js = JsThread::closed();
+        let live = Arc::new(Liveness::default());
+        live.tie(js.clone());
         Ok(Self {
             db_path: fields.string("dbPath")?.map(Into::into),
             connected: Arc::default(),
-            js: JsThread::new(&env)?,
+            js,
             subscriptions: Arc::default(),
-            live: Arc::default(),
+            live,
         })
     }
 
@@ -209,15 +214,7 @@ impl LocalTransport {
         let handler = JsFn::new(env, handler, "LocalTransport.subscribe: handler")?;
         let core = self.core()?;
         let handler = JsHandler::new(Arc::new(handler), self.js.clone());
-        // Until the loop ends, also after an unsubscribe: what the handler settled is acked.
-        let keep_alive = KeepAlive::new(env)?;
-        let task = crate::node::runtime_context(|| {
-            RunningTask::spawn(|token| async move {
-                let _keep_alive = keep_alive;
-                let commits = core.commits();
-                local::watch::deliver_commits(&core, commits, &handler, token).await;
-            })
-        });
+        // Held first: the hold opens the queue the handler is called through.
         let (subscriptions, live) = (
             Arc::downgrade(&self.subscriptions),
             Arc::downgrade(&self.live),
@@ -232,6 +229,15 @@ impl LocalTransport {
                 live.abandon();
             }
         })?;
+        // Until the loop ends, also after an unsubscribe: what the handler settled is acked.
+        let keep_alive = KeepAlive::new(env)?;
+        let task = crate::node::runtime_context(|| {
+            RunningTask::spawn(|token| async move {
+                let _keep_alive = keep_alive;
+                let commits = core.commits();
+                local::watch::deliver_commits(&core, commits, &handler, token).await;
+            })
+        });
         let live = Arc::downgrade(&self.live);
         self.subscriptions.add(env, task, move |env, task, last| {
             // Cancelled, not aborted: the loop acks what the handler already settled.

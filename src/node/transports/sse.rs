@@ -118,15 +118,15 @@ impl SseTransport {
     /// The runtime's transport: REST over the runtime's client, plus the runtime's own
     /// stream (whose messages go to the poller, so this object's buffer stays empty and
     /// `poll()` is a peek).
-    pub fn from_parts(env: &Env, client: Arc<SseClient>, rest: Arc<SignalDock>) -> Result<Self> {
-        let js = JsThread::new(env)?;
+    /// Its subscribers are called through the runtime's queue (`js`).
+    pub fn from_parts(js: JsThread, client: Arc<SseClient>, rest: Arc<SignalDock>) -> Self {
         let shared_credentials = Some(rest.credentials().clone());
-        Ok(Self {
+        Self {
             connected: Arc::new(Mutex::new(Some(Connected::new(client, rest, &js)))),
             shared_credentials,
             js,
             live: Arc::default(),
-        })
+        }
     }
 
     fn with_connected<T>(&self, pick: impl FnOnce(&Connected) -> T) -> Result<T> {
@@ -146,13 +146,18 @@ impl SseTransport {
 #[napi]
 impl SseTransport {
     #[napi(constructor)]
-    pub fn new(env: Env) -> Result<Self> {
-        Ok(Self {
+    pub fn new() -> Self {
+        // Subscribers are called through a queue open while the stream is (connect to
+        // disconnect).
+        let js = JsThread::closed();
+        let live = Arc::new(Liveness::default());
+        live.tie(js.clone());
+        Self {
             connected: Arc::default(),
             shared_credentials: None,
-            js: JsThread::new(&env)?,
-            live: Arc::default(),
-        })
+            js,
+            live,
+        }
     }
 
     #[napi(getter, ts_return_type = "'sse'")]
