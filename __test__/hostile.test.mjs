@@ -154,10 +154,17 @@ describe('invalid configs: a TypeError naming the field', () => {
       expect(() => svc.onMessage(bad)).toThrow(TypeError);
       expect(() => poller().onMessage(bad)).toThrow(TypeError);
     }
+    // The message names the method and the argument.
+    expect(() => svc.onMessage(5)).toThrow('SseConnectionService.onMessage: handler must be a function');
+    expect(() => poller().onMessage(5)).toThrow('AgentPoller.onMessage: handler must be a function');
     const t = new SseTransport();
     cleanup.push(() => t.disconnect());
     await t.connect({ agentId: 'alice', apiKey: 'key-a', apiBaseUrl: sd.url });
     expect(() => t.subscribe(42)).toThrow(TypeError);
+    expect(() => t.subscribe(42)).toThrow('SseTransport.subscribe: handler must be a function');
+    // Checked before the connection: a wrong argument is named even on a closed transport.
+    expect(() => new LocalTransport().subscribe({})).toThrow(TypeError);
+    expect(() => new LocalTransport().subscribe({})).toThrow('LocalTransport.subscribe: handler must be a function');
   });
 });
 

@@ -323,6 +323,30 @@ describe('key hand-over inside a runtime', () => {
     expect(handle.keyRotation.status().lastRotationAt).not.toBeNull();
   }, 30_000);
 
+  it("handle.transport connected again by the caller keeps the runtime's key store: a rotated key reaches it", async () => {
+    const old = new Date(Date.now() - 40 * 24 * 3600 * 1000).toISOString();
+    const endpoint = `${sd.url}/messages/stream`;
+    for (const [name, extra] of [['http', {}], ['sse', { sseEndpoint: endpoint }]]) {
+      sd.addKey('alice', 'key-a');
+      const registry = new FakeRegistry(credential('alice', 'key-a', sd.url, { updatedAt: old }));
+      const rotate = registry.rotateKey.bind(registry);
+      registry.rotateKey = async (id) => { const r = await rotate(id); sd.addKey('alice', (await registry.get(id)).apiKey); return r; };
+      const handle = await runtime(registry, { pollIntervalMs: 200, heartbeatIntervalMs: 0, ...extra });
+      expect(handle.transport.name).toBe(name);
+      // The caller reconnects the handed-out transport with the key it was given.
+      await handle.transport.disconnect();
+      await handle.transport.connect({ agentId: 'alice', apiKey: 'key-a', apiBaseUrl: sd.url, ...extra });
+      await waitFor(() => registry.rotations === 1, { what: `rotation (${name})`, timeoutMs: 10_000 });
+      const rotated = (await registry.get('alice')).apiKey;
+      sd.expireKey('key-a');
+      const { messageId } = await handle.transport.push('bob', `after rotation (${name})`);
+      const sent = sd.requests.filter((r) => r.method === 'POST' && r.path.startsWith('/messages') && r.path !== '/messages/ack').at(-1);
+      expect(sent.headers.authorization, name).toBe(`Bearer ${rotated}`);
+      expect(sd.pending('bob').map((r) => r.id)).toContain(messageId);
+      handle.stop();
+    }
+  }, 40_000);
+
   it('a 401 during the overlap is retried once with the other key: nothing is lost', async () => {
     const old = new Date(Date.now() - 40 * 24 * 3600 * 1000).toISOString();
     const registry = new FakeRegistry(credential('alice', 'key-a', sd.url, { updatedAt: old }));

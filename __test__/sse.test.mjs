@@ -339,6 +339,9 @@ describe('SseTransport (native) against the test server', () => {
     sd.sendDirect('bob', 'alice', 'y');
     await waitFor(() => got.length === 2, { what: 'both messages' });
     expect(got).toEqual(['x', 'y']);
+    // `delivered` counts once the JS call is back on the stream's task, a moment after the
+    // subscriber ran.
+    await waitFor(() => t.status().delivered === 2, { what: 'delivered counted' });
     expect(t.status()).toMatchObject({ state: 'connected', reconnects: 0, delivered: 2 });
   });
 

@@ -15,13 +15,15 @@
 //! asks `PRAGMA data_version` on a connection of its own every [`WATCH_INTERVAL`]; the value
 //! changes only when some other connection has committed, and asking costs two file locks
 //! and a look at the WAL index in shared memory, not a query over the tables. Each change
-//! bumps [`LocalTransport::commits`].
+//! bumps [`LocalTransport::commits`]; [`watch`] holds the watcher and the delivery loop a
+//! subscription runs on those changes.
+
+pub mod watch;
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -29,7 +31,6 @@ use futures_util::future::BoxFuture;
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use serde_json::{Map, Value};
-use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::clock;
@@ -133,7 +134,7 @@ struct Inner {
     path: PathBuf,
     agent_id: String,
     db: Arc<Slot>,
-    commits: watch::Receiver<u64>,
+    commits: tokio::sync::watch::Receiver<u64>,
     watcher: Mutex<Option<RunningTask>>,
 }
 
@@ -173,8 +174,8 @@ impl LocalTransport {
         let (writer, reader, version) = tokio::task::spawn_blocking(move || open_pair(&opening))
             .await
             .map_err(task_failed)??;
-        let (sender, commits) = watch::channel(0);
-        let watcher = spawn_watcher(reader, version, sender);
+        let (sender, commits) = tokio::sync::watch::channel(0);
+        let watcher = watch::spawn_watcher(reader, version, sender);
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
@@ -310,7 +311,7 @@ impl LocalTransport {
     /// pushes count too, as the watcher has a connection of its own.
     ///
     /// After [`disconnect`](Self::disconnect), `changed()` fails: the sender is gone.
-    pub fn commits(&self) -> watch::Receiver<u64> {
+    pub fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
         let mut commits = self.inner.commits.clone();
         commits.mark_unchanged();
         commits
@@ -470,51 +471,6 @@ fn configure(conn: &Connection) -> Result<()> {
 fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
     conn.prepare_cached("PRAGMA data_version")?
         .query_row([], |row| row.get(0))
-}
-
-/// Starts the watcher: a loop on the blocking pool that owns the reader, and a task whose
-/// only job is to keep the loop alive. The loop sleeps on a channel from that task, so
-/// stopping the task (cancel or abort both drop the sender) wakes and ends the loop at once,
-/// and an idle tick costs one thread wake-up and the pragma, with no async hand-offs.
-fn spawn_watcher(reader: Connection, seen: i64, commits: watch::Sender<u64>) -> RunningTask {
-    let (alive, stopped) = mpsc::channel::<()>();
-    let looking =
-        tokio::task::spawn_blocking(move || look_for_commits(reader, seen, &commits, &stopped));
-    RunningTask::spawn(move |token| async move {
-        let _alive = alive;
-        tokio::select! {
-            _ = token.cancelled() => {}
-            _ = looking => {}
-        }
-    })
-}
-
-/// Blocking, until `stopped` disconnects. The reader closes here too, off the async threads.
-fn look_for_commits(
-    reader: Connection,
-    mut seen: i64,
-    commits: &watch::Sender<u64>,
-    stopped: &mpsc::Receiver<()>,
-) {
-    let mut failing = false;
-    while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(WATCH_INTERVAL) {
-        match data_version(&reader) {
-            Ok(version) => {
-                failing = false;
-                if version != seen {
-                    seen = version;
-                    commits.send_modify(|n| *n = n.wrapping_add(1));
-                }
-            }
-            Err(err) => {
-                // Once per streak: a locked or vanished file would otherwise log 40 times a second.
-                if !failing {
-                    tracing::warn!(error = %err, "cannot watch signaldock.db for commits");
-                }
-                failing = true;
-            }
-        }
-    }
 }
 
 struct Outgoing {

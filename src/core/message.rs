@@ -35,6 +35,23 @@ pub struct ConduitMessage {
     pub metadata: Option<Map<String, Value>>,
 }
 
+#[cfg(test)]
+impl ConduitMessage {
+    /// A direct message from bob with id `id`, for tests that only care about ids and order.
+    pub fn with_id(id: &str) -> Self {
+        Self {
+            id: id.into(),
+            from: "bob".into(),
+            content: format!("content {id}"),
+            tags: None,
+            thread_id: None,
+            group_id: None,
+            timestamp: "2026-01-01T00:00:00.000Z".into(),
+            metadata: None,
+        }
+    }
+}
+
 /// Why a row could not become a message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapError {

@@ -24,12 +24,16 @@
 //! - **Bounds**: an event (or line) over 8 MiB drops the connection, as the crate's parser
 //!   would otherwise buffer it without limit (`guard`).
 //!
+//! [`inbox`] is where a native transport keeps the stream's messages for `poll()` or its
+//! subscribers.
+//!
 //! State changes are published on a watch channel ([`SseClient::states`]); the runtime uses
 //! them to slow polling while the stream is connected.
 
 pub mod frame;
 mod guard;
 mod http;
+pub mod inbox;
 mod policy;
 #[cfg(test)]
 mod tests;

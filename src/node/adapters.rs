@@ -16,7 +16,7 @@ use napi_derive::napi;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::js::{JsThread, Lenient, Pending, PersistentObject, describe};
+use super::js::{JsFn, JsThread, Lenient, Pending, PersistentObject, describe};
 use crate::core::delivery::{Handler, Outcome, Settled};
 use crate::core::error::{Error as CoreError, Result as CoreResult};
 use crate::core::key_rotation::{Registry, RegistryCredential};
@@ -54,7 +54,8 @@ impl From<ConduitMessage> for JsMessage {
     }
 }
 
-pub type HandlerRef = Arc<FunctionRef<JsMessage, Unknown<'static>>>;
+/// A JS function that takes a [`JsMessage`], kept across calls.
+pub type HandlerRef = Arc<JsFn>;
 
 /// A JS message handler (sync or async) as a core [`Handler`].
 pub struct JsHandler {
@@ -122,8 +123,7 @@ fn call_handler(
     settled: &Settled,
     stop: &CancellationToken,
 ) -> Result<Step> {
-    let handler = function.borrow_back(env)?;
-    let handler = unsafe { Unknown::from_raw_unchecked(env.raw(), handler.raw()) };
+    let handler = function.get(env)?;
     let mut messages = chunk.into_iter();
     while let Some(message) = messages.next() {
         // stop() runs on this thread too: once it has returned, no call gets through.
@@ -153,12 +153,7 @@ pub struct JsTransport {
 
 impl JsTransport {
     pub fn new(object: &Object<'_>, js: JsThread) -> Result<Self> {
-        let name = object
-            .get_named_property::<Unknown>("name")
-            .ok()
-            .filter(|n| n.get_type().ok() == Some(ValueType::String))
-            .and_then(|n| unsafe { String::from_napi_value(object.value().env, n.raw()) }.ok())
-            .unwrap_or_else(|| "js".to_owned());
+        let name = super::js::string_property(object, "name").unwrap_or_else(|| "js".to_owned());
         Ok(Self {
             object: Arc::new(PersistentObject::new(object, js)?),
             name,

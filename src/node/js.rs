@@ -24,13 +24,20 @@
 //! | [`Pending<T>`] | a JS promise awaited from Rust |
 //! | [`Lenient`] | any JSON-like value; `undefined`, functions and symbols read as absent |
 //! | [`PersistentObject`] | a JS object kept across calls (a transport, a registry) |
+//! | [`JsFn`] | a JS function kept across calls (a handler, a factory, an unsubscribe) |
+//! | [`Ended`] | how a call that may return `T \| Promise<T>` ended, once it settled |
+//! | [`Subscriptions<T>`] | what `subscribe(handler)` handed out, each with its `() => void` |
+//!
+//! This is the only module (with `config.rs`) that converts raw napi values: everything
+//! `unsafe` about calling JS is here, behind safe functions.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{
-    ThreadsafeCallContext, ThreadsafeFunction, ThreadsafeFunctionCallMode,
+    ThreadsafeCallContext, ThreadsafeFunction, ThreadsafeFunctionCallMode, UnknownReturnValue,
 };
 use napi::{Env, Status, sys};
 use serde_json::{Map, Number, Value};
@@ -273,6 +280,205 @@ fn read_value<T: FromNapiValue>(env: &Env, raw: sys::napi_value) -> Result<T> {
         ),
         None => e,
     })
+}
+
+/// `value` read as `T` (a string, a number, [`Lenient`], …), leaving no exception pending
+/// when reading it throws.
+pub fn read<T: FromNapiValue>(env: &Env, value: Unknown<'_>) -> Result<T> {
+    read_value(env, value.raw())
+}
+
+/// `value` as an object, or None when it is anything else (a function included).
+pub fn as_object<'env>(env: &'env Env, value: Unknown<'env>) -> Result<Option<Object<'env>>> {
+    Ok(match value.get_type()? {
+        ValueType::Object => Some(unsafe { Object::from_napi_value(env.raw(), value.raw())? }),
+        _ => None,
+    })
+}
+
+/// `object[name]` when it is a string; None when it is absent, another type, or reading it
+/// threw (nothing is left pending).
+pub fn string_property(object: &Object<'_>, name: &str) -> Option<String> {
+    let env = Env::from_raw(object.value().env);
+    let value = get_property(&env, object, name).ok()?;
+    if value.get_type().ok()? != ValueType::String {
+        return None;
+    }
+    read(&env, value).ok()
+}
+
+/// A JS function kept across calls and threads: a handler, a factory, an unsubscribe, a
+/// logger's bound method. Dropped anywhere: napi releases the reference on the JS thread.
+pub struct JsFn(FunctionRef<(), Unknown<'static>>);
+
+impl JsFn {
+    /// `value`, kept; when it is not a function, the thrown `TypeError` "`{name}` must be a
+    /// function" (`name` as the caller knows it: `AgentPoller.onMessage: handler`).
+    pub fn new(env: &Env, value: Unknown<'_>, name: &str) -> Result<Self> {
+        match Self::if_function(env, value)? {
+            Some(function) => Ok(function),
+            None => Err(type_error(env, format!("{name} must be a function"))),
+        }
+    }
+
+    /// `value`, kept, when it is a function; None for anything else (what a JS transport's
+    /// `subscribe` returned may be anything).
+    pub fn if_function(env: &Env, value: Unknown<'_>) -> Result<Option<Self>> {
+        if value.get_type()? != ValueType::Function {
+            return Ok(None);
+        }
+        let function: Function<(), Unknown<'static>> =
+            unsafe { Function::from_napi_value(env.raw(), value.raw())? };
+        Ok(Some(Self(function.create_ref()?)))
+    }
+
+    /// `function.bind(this)`, kept: the bound function keeps its `this` however it is called
+    /// later (pino's and winston's methods need theirs).
+    pub fn bind<T: ToNapiValue>(env: &Env, function: Unknown<'_>, this: T) -> Result<Self> {
+        let object = unsafe { Object::from_napi_value(env.raw(), function.raw())? };
+        let bind = get_property(env, &object, "bind")?;
+        let bound = apply(env, &object, bind, this)?;
+        Self::if_function(env, bound)?.ok_or_else(|| {
+            Error::new(
+                Status::InvalidArg,
+                "bind() did not return a function".to_owned(),
+            )
+        })
+    }
+
+    /// The function itself, on the JS thread: one lookup for a run of [`call`]s.
+    pub fn get<'env>(&self, env: &'env Env) -> Result<Unknown<'env>> {
+        let function = self.0.borrow_back(env)?;
+        Ok(unsafe { Unknown::from_raw_unchecked(env.raw(), function.raw()) })
+    }
+
+    /// `function(...args)` with `this` undefined, on the JS thread (see [`call`]).
+    pub fn call<'env, A: JsValuesTupleIntoVec>(
+        &self,
+        env: &'env Env,
+        args: A,
+    ) -> Result<Unknown<'env>> {
+        call(env, self.get(env)?, args)
+    }
+
+    /// Calls it and observes what it returns (see [`observe`]).
+    pub fn call_observed<A: JsValuesTupleIntoVec>(
+        &self,
+        env: &Env,
+        args: A,
+        then: impl FnOnce(Ended) + Send + 'static,
+    ) {
+        observe(env, self.call(env, args), then)
+    }
+}
+
+/// How a call into JS ended, once what it returned (`T | Promise<T>`) settled.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// It returned a value, or a promise that fulfilled.
+    Returned,
+    /// It threw, or could not be called; the text describes what was thrown.
+    Threw(String),
+    /// The promise it returned rejected, or cannot be observed.
+    Rejected(String),
+}
+
+/// The one way the boundary observes `T | Promise<T>` when nobody waits for the value: `then`
+/// runs at once for a value or a throw; for a promise, off the JS thread (in the current
+/// span) when it settles, its rejection always observed, never unhandled. On the JS thread.
+pub fn observe(env: &Env, called: Result<Unknown<'_>>, then: impl FnOnce(Ended) + Send + 'static) {
+    let returned = match called {
+        Ok(returned) => returned,
+        Err(e) => return then(Ended::Threw(describe(&e))),
+    };
+    if !returned.is_promise().unwrap_or(false) {
+        return then(Ended::Returned);
+    }
+    let promise = match Pending::<UnknownReturnValue>::observe(env, returned) {
+        Ok(promise) => promise,
+        Err(e) => {
+            return then(Ended::Rejected(format!(
+                "its promise cannot be observed: {}",
+                describe(&e)
+            )));
+        }
+    };
+    super::runtime_context(|| {
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
+            then(match promise.await {
+                Ok(_) => Ended::Returned,
+                Err(why) => Ended::Rejected(why),
+            })
+        }))
+    });
+}
+
+/// What `subscribe(handler)` handed out: each entry lives until the `unsubscribe` function JS
+/// got back is called, or its owner drains them all (`disconnect()`). The one registry
+/// behind every `subscribe` of the boundary.
+pub struct Subscriptions<T> {
+    entries: Mutex<Vec<(u64, T)>>,
+    next: AtomicU64,
+}
+
+impl<T> Default for Subscriptions<T> {
+    fn default() -> Self {
+        Self {
+            entries: Mutex::new(Vec::new()),
+            next: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<T: Send + 'static> Subscriptions<T> {
+    /// Adds `entry`; returns the `unsubscribe` function for JS. Calling it removes the entry
+    /// and hands it to `removed`, with whether no entry is left; a second call does nothing.
+    pub fn add<'env>(
+        self: &Arc<Self>,
+        env: &'env Env,
+        entry: T,
+        removed: impl Fn(&Env, T, bool) + 'static,
+    ) -> Result<Function<'env, (), ()>> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        lock(&self.entries).push((id, entry));
+        let registry = Arc::downgrade(self);
+        env.create_function_from_closure("unsubscribe", move |ctx| {
+            let Some(registry) = registry.upgrade() else {
+                return Ok(());
+            };
+            let taken = {
+                let mut entries = lock(&registry.entries);
+                let at = entries.iter().position(|(entry, _)| *entry == id);
+                at.map(|at| (entries.remove(at).1, entries.is_empty()))
+            };
+            if let Some((entry, last)) = taken {
+                removed(ctx.env, entry, last);
+            }
+            Ok(())
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        lock(&self.entries).is_empty()
+    }
+
+    /// Removes every entry (their `unsubscribe` functions then do nothing).
+    pub fn drain(&self) -> Vec<T> {
+        lock(&self.entries)
+            .drain(..)
+            .map(|(_, entry)| entry)
+            .collect()
+    }
+}
+
+impl<T: Clone + Send + 'static> Subscriptions<T> {
+    /// The entries now, in the order they were added.
+    pub fn snapshot(&self) -> Vec<T> {
+        lock(&self.entries)
+            .iter()
+            .map(|(_, entry)| entry.clone())
+            .collect()
+    }
 }
 
 /// A JS value read as JSON, leniently: `undefined` is `null` at the top and absent inside
@@ -655,6 +861,14 @@ pub fn rejected<'env, T: ToNapiValue + Send + 'static>(
         err
     };
     env.spawn_future(async move { Err::<T, Error>(reason) })
+}
+
+/// A `TypeError` object made now, on the JS thread, as the error a promise rejects with: the
+/// rejection is that very object (`instanceof TypeError` holds).
+pub fn type_error_object(env: &Env, message: String) -> Error {
+    let error = napi::JsTypeError::from(Error::new(Status::InvalidArg, message));
+    let made = unsafe { error.into_value(env.raw()) };
+    Error::from(unsafe { Unknown::from_raw_unchecked(env.raw(), made) })
 }
 
 /// Throws a `TypeError` and returns the error that tells napi it is already thrown.

@@ -178,9 +178,8 @@ fn add_teardown(env: &Env, teardown: Teardown) -> Result<u64> {
         if fresh {
             // One hook per environment; a new environment on this thread (after the old one's
             // hook ran and cleared the slot) gets its own.
-            check_status!(unsafe {
-                sys::napi_add_env_cleanup_hook(env.raw(), Some(run_teardowns), std::ptr::null_mut())
-            })?;
+            // The hook is never removed: it outlives every service of the environment.
+            env.add_env_cleanup_hook((), |()| run_teardowns())?;
             *slot = Some(EnvTeardowns {
                 env: env.raw(),
                 next: 0,
@@ -207,7 +206,7 @@ fn forget_teardown(id: u64) {
 }
 
 /// The env cleanup hook: the environment of this thread is going away.
-unsafe extern "C" fn run_teardowns(_arg: *mut std::ffi::c_void) {
+fn run_teardowns() {
     let entries = TEARDOWNS
         .try_with(|slot| slot.borrow_mut().take())
         .ok()

@@ -25,14 +25,13 @@ use std::sync::{Arc, Mutex};
 use napi::Env;
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{
-    ThreadsafeCallContext, ThreadsafeFunction, ThreadsafeFunctionCallMode, UnknownReturnValue,
+    ThreadsafeCallContext, ThreadsafeFunction, ThreadsafeFunctionCallMode,
 };
 use napi_derive::napi;
 use serde_json::{Map, json};
 use tracing::Level;
 
-use super::js::{apply, describe, type_error};
-use super::runtime_context;
+use super::js::{Ended, JsFn, as_object, type_error};
 use crate::core::sync::lock;
 use crate::logging::{Record, Sink, Undelivered, write_stderr};
 
@@ -49,7 +48,7 @@ enum Style {
     FieldsFirst,
 }
 
-type Bound = FunctionRef<(), ()>;
+type Bound = JsFn;
 
 /// The logger's functions, bound to it.
 struct Target {
@@ -125,10 +124,10 @@ pub fn read(env: &Env, value: Option<Unknown<'_>>, owner: &str) -> Result<Option
         ValueType::Function => Target {
             style: Style::Record,
             // Bound to `undefined`: called as a plain function would be.
-            functions: vec![bind(env, value, ())?],
+            functions: vec![JsFn::bind(env, value, ())?],
         },
         ValueType::Object => {
-            let object = unsafe { Object::from_napi_value(env.raw(), value.raw())? };
+            let object = as_object(env, value)?.expect("an object");
             let method = |name: &str| -> Result<Option<Unknown<'_>>> {
                 let m: Unknown = object.get_named_property(name)?;
                 Ok((m.get_type()? == ValueType::Function).then_some(m))
@@ -136,7 +135,7 @@ pub fn read(env: &Env, value: Option<Unknown<'_>>, owner: &str) -> Result<Option
             let mut functions = Vec::with_capacity(5);
             for name in ["debug", "info", "warn", "error"] {
                 match method(name)? {
-                    Some(m) => functions.push(bind(env, m, object)?),
+                    Some(m) => functions.push(JsFn::bind(env, m, object)?),
                     None => {
                         return Err(type_error(
                             env,
@@ -146,8 +145,8 @@ pub fn read(env: &Env, value: Option<Unknown<'_>>, owner: &str) -> Result<Option
                 }
             }
             let trace = match method("trace")? {
-                Some(m) => bind(env, m, object)?,
-                None => bind(env, method("debug")?.expect("checked above"), object)?,
+                Some(m) => JsFn::bind(env, m, object)?,
+                None => JsFn::bind(env, method("debug")?.expect("checked above"), object)?,
             };
             functions.insert(0, trace);
             let style = if method("bindings")?.is_some() {
@@ -168,21 +167,6 @@ pub fn read(env: &Env, value: Option<Unknown<'_>>, owner: &str) -> Result<Option
         }
     };
     Ok(Some(Arc::new(JsLogger::new(env, target)?)))
-}
-
-/// `function.bind(this)`, kept.
-fn bind<T: ToNapiValue>(env: &Env, function: Unknown<'_>, this: T) -> Result<Bound> {
-    let function = unsafe { Object::from_napi_value(env.raw(), function.raw())? };
-    let bind: Unknown = function.get_named_property("bind")?;
-    let bound = apply(env, &function, bind, this)?;
-    if bound.get_type()? != ValueType::Function {
-        return Err(Error::new(
-            Status::InvalidArg,
-            "the logger's bind() did not return a function".to_owned(),
-        ));
-    }
-    let bound = unsafe { Function::<(), ()>::from_napi_value(env.raw(), bound.raw())? };
-    bound.create_ref()
 }
 
 impl JsLogger {
@@ -226,18 +210,24 @@ fn deliver(env: &Env, target: &Target, health: &Arc<Health>, record: Record) {
     call(env, target, health, record);
 }
 
+/// Calls the logger with `record`. A throw writes the record to stderr instead; a rejection
+/// is only reported (the logger had the record); either says once that the logger fails.
 fn call(env: &Env, target: &Target, health: &Arc<Health>, record: Record) {
-    if let Err(e) = try_call(env, target, health, &record) {
-        failed(health, &describe(&e));
-        write_stderr(&record);
-    }
+    let called = try_call(env, target, &record);
+    let health = health.clone();
+    super::js::observe(env, called, move |ended| match ended {
+        Ended::Returned => {}
+        Ended::Threw(why) => {
+            failed(&health, &why);
+            write_stderr(&record);
+        }
+        Ended::Rejected(why) => failed(&health, &why),
+    });
 }
 
-fn try_call(env: &Env, target: &Target, health: &Arc<Health>, record: &Record) -> Result<()> {
-    let function = target.function_for(record.level).borrow_back(env)?;
-    let this = unsafe { Object::from_napi_value(env.raw(), function.raw())? };
-    let function = unsafe { Unknown::from_raw_unchecked(env.raw(), function.raw()) };
-    let returned = match target.style {
+fn try_call<'env>(env: &'env Env, target: &Target, record: &Record) -> Result<Unknown<'env>> {
+    let function = target.function_for(record.level);
+    match target.style {
         Style::Record => {
             let record = json!({
                 "level": record.level_name(),
@@ -245,7 +235,7 @@ fn try_call(env: &Env, target: &Target, health: &Arc<Health>, record: &Record) -
                 "message": record.message,
                 "fields": record.fields,
             });
-            apply(env, &this, function, env.to_js_value(&record)?)?
+            function.call(env, env.to_js_value(&record)?)
         }
         Style::MessageFirst | Style::FieldsFirst => {
             let mut fields = Map::with_capacity(record.fields.len() + 1);
@@ -254,25 +244,11 @@ fn try_call(env: &Env, target: &Target, health: &Arc<Health>, record: &Record) -
             let fields = env.to_js_value(&fields)?;
             let message = env.to_js_value(&record.message)?;
             match target.style {
-                Style::FieldsFirst => apply(env, &this, function, FnArgs::from((fields, message)))?,
-                _ => apply(env, &this, function, FnArgs::from((message, fields)))?,
+                Style::FieldsFirst => function.call(env, FnArgs::from((fields, message))),
+                _ => function.call(env, FnArgs::from((message, fields))),
             }
         }
-    };
-    // An async logger's rejection is observed here: unobserved, it would end the process.
-    if returned.is_promise()? {
-        let promise =
-            unsafe { Promise::<UnknownReturnValue>::from_napi_value(env.raw(), returned.raw())? };
-        let health = health.clone();
-        runtime_context(|| {
-            tokio::spawn(async move {
-                if let Err(e) = promise.await {
-                    failed(&health, &describe(&e));
-                }
-            })
-        });
     }
-    Ok(())
 }
 
 /// Says once, on stderr, that the logger failed; the process carries on.

@@ -1,14 +1,16 @@
 //! The Node-API boundary: one file per exported class, thin over [`crate::core`].
 //!
-//! - [`js`]: calling JS from tokio (the job queue, keep-alive, promises, lenient values).
+//! - [`js`]: every mechanic of calling JS (the job queue, keep-alive, function references,
+//!   `T | Promise<T>`, subscriptions, lenient values); with [`config`], the only `unsafe`.
 //! - [`lifetime`]: a started service is a GC root until `stop()`, and stops with its
 //!   environment.
 //! - [`config`]: reading config objects with `TypeError`s that name the field.
 //! - [`adapters`]: JS handler, transport and registry objects as core traits.
 //! - [`poller`], [`heartbeat`], [`key_rotation`]: the exported service classes.
 //! - [`runtime`]: `createRuntime`, wiring the services around one shared credential.
-//! - [`transports`]: the native HTTP and local transports as JS classes.
-//! - [`sse`]: the native SSE transport and `SseConnectionService`.
+//! - [`transports`]: the native HTTP, SSE and local transports as JS classes, one file each,
+//!   with the REST glue the first two share.
+//! - [`sse_connection`]: the `SseConnectionService` class.
 //! - [`logger`]: `setLogger` and `RuntimeConfig.logger`, log records into a JS logger.
 
 mod adapters;
@@ -20,7 +22,7 @@ mod lifetime;
 mod logger;
 mod poller;
 mod runtime;
-mod sse;
+mod sse_connection;
 mod transports;
 
 use napi_derive::module_init;

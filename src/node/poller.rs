@@ -8,9 +8,9 @@ use napi::Env;
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
-use super::adapters::{HandlerRef, JsHandler, JsMessage, JsTransport};
+use super::adapters::{HandlerRef, JsHandler, JsTransport};
 use super::config::Fields;
-use super::js::{JsThread, type_error};
+use super::js::{JsFn, JsThread};
 use super::lifetime::Liveness;
 use super::runtime_context;
 use crate::core::credentials::{ApiKey, Credentials};
@@ -295,15 +295,8 @@ impl AgentPoller {
     /// Sets THE handler; a second call replaces the first.
     #[napi(ts_args_type = "handler: (message: ConduitMessage) => void | Promise<void>")]
     pub fn on_message(&self, env: Env, handler: Unknown) -> Result<()> {
-        if handler.get_type()? != ValueType::Function {
-            return Err(type_error(
-                &env,
-                "AgentPoller.onMessage: handler must be a function",
-            ));
-        }
-        let function: Function<JsMessage, Unknown<'static>> =
-            unsafe { Function::from_napi_value(env.raw(), handler.raw())? };
-        self.inner.set_handler(Arc::new(function.create_ref()?));
+        let handler = JsFn::new(&env, handler, "AgentPoller.onMessage: handler")?;
+        self.inner.set_handler(Arc::new(handler));
         Ok(())
     }
 

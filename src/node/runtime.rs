@@ -19,13 +19,13 @@ use tracing::Instrument;
 use super::adapters::{JsRegistry, JsTransport};
 use super::config::Fields;
 use super::heartbeat::{HeartbeatCore, HeartbeatService};
-use super::js::{JsThread, KeepAlive, type_error};
+use super::js::{JsFn, JsThread, KeepAlive, type_error};
 use super::key_rotation::{KeyRotationCore, KeyRotationService};
 use super::lifetime::Liveness;
 use super::poller::{AgentPoller, DirectPath, PollerCore, PollerSettings};
 use super::runtime_context;
-use super::sse::{SseConnectionCore, SseConnectionService, SseSource, SseTarget, SseTransport};
-use super::transports::{HttpTransport, LocalTransport, default_local_db_path};
+use super::sse_connection::{SseConnectionCore, SseConnectionService, SseSource, SseTarget};
+use super::transports::{HttpTransport, LocalTransport, SseTransport, default_local_db_path};
 use crate::core::credentials::{ApiKey, Credentials};
 use crate::core::error::Error as CoreError;
 use crate::core::heartbeat::DEFAULT_INTERVAL;
@@ -57,7 +57,7 @@ struct RuntimeSettings {
     create_sse_transport: Option<FactoryRef>,
 }
 
-type FactoryRef = Arc<FunctionRef<(), Unknown<'static>>>;
+type FactoryRef = Arc<JsFn>;
 
 /// Which transport the runtime uses when the caller gives none (WIRE.md, "Transport
 /// resolution").
@@ -398,9 +398,9 @@ pub fn start_runtime<'env>(
     registry: Unknown<'env>,
     config: Option<Unknown<'env>>,
 ) -> Result<PromiseRaw<'env, Object<'env>>> {
-    let registry = match registry.get_type()? {
-        ValueType::Object => unsafe { Object::from_napi_value(env.raw(), registry.raw())? },
-        _ => {
+    let registry = match super::js::as_object(env, registry)? {
+        Some(registry) => registry,
+        None => {
             return Err(type_error(
                 env,
                 "createRuntime: registry must be an object with get(), getActive(), rotateKey()",
@@ -448,11 +448,11 @@ pub fn start_runtime<'env>(
         transport,
         sse_endpoint: fields.url("sseEndpoint", false)?,
         create_sse_transport: match fields.function("createSseTransport")? {
-            Some(f) => {
-                let f: Function<(), Unknown<'static>> =
-                    unsafe { Function::from_napi_value(env.raw(), f.raw())? };
-                Some(Arc::new(f.create_ref()?))
-            }
+            Some(f) => Some(Arc::new(JsFn::new(
+                env,
+                f,
+                "createRuntime: config.createSseTransport",
+            )?)),
             None => None,
         },
     };
@@ -488,15 +488,7 @@ async fn build(
         // A TypeError, as a config error is elsewhere: made on the JS thread, so the
         // rejection is that very object.
         Err(Failure::Type(why)) => Err(js
-            .run(move |env| {
-                let raw = unsafe {
-                    napi::JsTypeError::from(Error::new(Status::InvalidArg, why))
-                        .into_value(env.raw())
-                };
-                Ok(Error::from(unsafe {
-                    Unknown::from_raw_unchecked(env.raw(), raw)
-                }))
-            })
+            .run(move |env| Ok(super::js::type_error_object(env, why)))
             .await
             .unwrap_or_else(|e| Error::new(Status::InvalidArg, e.to_string()))),
     }
@@ -588,16 +580,15 @@ async fn build_runtime(
                     DirectPath::Native(Arc::new(local))
                 }
                 Resolved::Http | Resolved::Sse => {
-                    let http = HttpTransport::with_credentials(credentials.clone());
-                    let client = http
-                        .connect_native(
-                            &credential.agent_id,
-                            &credential.api_key,
-                            &credential.api_base_url,
-                            credential.fallback(),
-                        )
-                        .await
-                        .map_err(|e| fail("HTTP transport failed to connect", e))?;
+                    let client = SignalDock::new(
+                        credentials.clone(),
+                        &credential.api_base_url,
+                        credential.fallback(),
+                    )
+                    .map_err(|e| fail("HTTP transport failed to connect", e))?;
+                    client.choose_base().await;
+                    let client = Arc::new(client);
+                    let http = HttpTransport::from_client(client.clone());
                     parts.http_slot = Some(http.slot());
                     own = if resolved == Resolved::Sse {
                         OwnParts::Sse(client.clone())
@@ -709,14 +700,9 @@ async fn build_runtime(
                     Some((core, Some(client)))
                 }
                 Realtime::Js(factory, _) => {
-                    let factory = factory.borrow_back(env)?;
-                    let factory = unsafe { Unknown::from_raw_unchecked(env.raw(), factory.raw()) };
-                    let created = super::js::call(env, factory, ())
+                    let created = factory.call(env, ())
                         .map_err(|e| Error::new(Status::GenericFailure, format!("createSseTransport() failed: {}", super::js::describe(&e))))?;
-                    if created.get_type()? != ValueType::Object {
-                        return Err(Error::new(Status::InvalidArg, "createSseTransport() did not return a transport object".to_owned()));
-                    }
-                    let object = unsafe { Object::from_napi_value(env.raw(), created.raw())? };
+                    let object = super::js::as_object(env, created)?.ok_or_else(|| Error::new(Status::InvalidArg, "createSseTransport() did not return a transport object".to_owned()))?;
                     let transport = Arc::new(JsTransport::new(&object, JsThread::new(env)?)?);
                     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                     bridges.push(runtime_context(|| bridge_js_sse(rx, poller.clone())));
