@@ -16,7 +16,7 @@ use napi_derive::napi;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::js::{JsThread, Lenient, Pending, PersistentObject, describe};
+use super::js::{JsThread, Json, Lenient, Pending, PersistentObject, describe};
 use crate::core::delivery::{Handler, Outcome, Settled};
 use crate::core::error::{Error as CoreError, Result as CoreResult};
 use crate::core::key_rotation::{Registry, RegistryCredential};
@@ -193,8 +193,8 @@ impl JsTransport {
             .object
             .js()
             .run(move |env| match arg {
-                Some(arg) => object.call_method::<Value, Lenient>(env, method, arg),
-                None => object.call_method::<(), Lenient>(env, method, ()),
+                Some(arg) => object.call_method::<Value, Json>(env, method, arg),
+                None => object.call_method::<(), Json>(env, method, ()),
             })
             .await
             .map_err(|e| in_method(&self.name, method, e))?;

@@ -1,8 +1,11 @@
 //! Calling JavaScript from tokio, safely.
 //!
 //! Everything the runtime does to JS values happens in a closure run on the JS thread by
-//! [`JsThread`]: one weak threadsafe function per service whose callback runs the closure
-//! with the `Env`. That gives the boundary four properties at once:
+//! [`JsThread`]: one weak threadsafe function per JS thread (shared by every service started
+//! there) whose callback runs the closure with the `Env`. One, not one per service: each
+//! threadsafe function is a libuv async handle, and libuv looks at every such handle on each
+//! wake-up of the loop, so 1,000 pollers with their own handles made every hop scan 1,000s of
+//! them. That gives the boundary four properties at once:
 //!
 //! - **`this` is right**: methods are fetched from their object and applied to it, so a
 //!   class instance's methods work (a plain threadsafe-function call passes `undefined`).
@@ -12,7 +15,8 @@
 //!   throws — is described by [`describe_thrown`] without letting a second exception escape:
 //!   napi-rs's own conversion coerces the value to a string, which throws again for a Symbol,
 //!   and that exception, left pending, reached Node as uncaught (exit 1).
-//! - **bounded**: the queue holds [`QUEUE_SIZE`] closures; when it is full, callers wait
+//! - **bounded**: the queue holds [`QUEUE_SIZE`] closures of all the thread's services; when it
+//!   is full, callers wait
 //!   (backpressure) instead of memory growing.
 //! - **no accidental liveness**: the threadsafe function is weak, so a pending call never
 //!   keeps the process alive. What keeps it alive while a service runs is an explicit
@@ -38,8 +42,8 @@ use serde_json::{Map, Number, Value};
 use crate::core::error::Error as CoreError;
 use crate::core::sync::lock;
 
-/// Closures queued per service before callers wait.
-pub const QUEUE_SIZE: usize = 512;
+/// Closures queued per JS thread before callers wait.
+pub const QUEUE_SIZE: usize = 4096;
 /// Nesting accepted when reading a JS value as JSON.
 const MAX_DEPTH: u32 = 64;
 /// Properties and elements accepted when reading one JS value as JSON.
@@ -52,38 +56,57 @@ type JobQueue = ThreadsafeFunction<Job, (), (), Status, false, true, QUEUE_SIZE>
 #[derive(Clone)]
 pub struct JsThread {
     queue: Arc<JobQueue>,
+    /// The span the jobs run in.
+    span: tracing::Span,
+}
+
+thread_local! {
+    /// This thread's job queue and the environment it belongs to (Node runs one environment
+    /// per thread; a new one on the same thread gets a new queue).
+    static JOB_QUEUE: std::cell::RefCell<Option<(usize, Arc<JobQueue>)>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 impl JsThread {
     /// Jobs run in the span current here (a runtime's [`crate::logging::LogScope`]), so what
-    /// they log reaches that runtime's logger.
+    /// they log reaches that runtime's logger. Must be called on the JS thread.
     pub fn new(env: &Env) -> Result<Self> {
-        let span = tracing::Span::current();
-        let noop = env.create_function_from_closure::<(), (), _>("cleoRuntimeJob", |_| Ok(()))?;
-        let queue = noop
-            .build_threadsafe_function::<Job>()
-            .callee_handled::<false>()
-            .weak::<true>()
-            .max_queue_size::<QUEUE_SIZE>()
-            .build_callback(move |ctx: ThreadsafeCallContext<Job>| {
-                let _in_span = span.enter();
-                (ctx.value)(&ctx.env);
-                // Whatever a job left pending would be rethrown into Node as uncaught (exit 1)
-                // when this callback returns: a job's errors are its caller's, never Node's.
-                if let Some(thrown) = take_exception(&ctx.env) {
-                    tracing::debug!(thrown, "cleared an exception a JS call left pending");
-                }
-                Ok(())
-            })?;
+        let key = env.raw() as usize;
+        let queue = JOB_QUEUE.with(|slot| -> Result<Arc<JobQueue>> {
+            let mut slot = slot.borrow_mut();
+            if let Some((owner, queue)) = &*slot
+                && *owner == key
+            {
+                return Ok(queue.clone());
+            }
+            let queue = Arc::new(job_queue(env)?);
+            *slot = Some((key, queue.clone()));
+            Ok(queue)
+        })?;
         Ok(Self {
-            queue: Arc::new(queue),
+            queue,
+            span: tracing::Span::current(),
+        })
+    }
+
+    /// `job` wrapped to run in this thread's span.
+    fn in_span(&self, job: impl FnOnce(&Env) + Send + 'static) -> Job {
+        let span = self.span.clone();
+        Box::new(move |env: &Env| {
+            let _in_span = span.enter();
+            job(env);
+            // Whatever a job left pending would be rethrown into Node as uncaught (exit 1)
+            // when the queue's callback returns: a job's errors are its caller's, never Node's.
+            if let Some(thrown) = take_exception(env) {
+                tracing::debug!(thrown, "cleared an exception a JS call left pending");
+            }
         })
     }
 
     /// Queues `job` without waiting for room; false when the queue is full or closed.
     pub fn fire(&self, job: impl FnOnce(&Env) + Send + 'static) -> bool {
         self.queue
-            .call(Box::new(job), ThreadsafeFunctionCallMode::NonBlocking)
+            .call(self.in_span(job), ThreadsafeFunctionCallMode::NonBlocking)
             == Status::Ok
     }
 
@@ -94,7 +117,7 @@ impl JsThread {
         job: impl FnOnce(&Env) -> Result<T> + Send + 'static,
     ) -> std::result::Result<T, CoreError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |env: &Env| {
+        let job: Job = self.in_span(move |env: &Env| {
             let _ = tx.send(job(env).map_err(|e| describe(&e)));
         });
         // `call` consumes what it is given even when the queue is full, so it is given a
@@ -121,23 +144,113 @@ impl JsThread {
     }
 }
 
+/// The weak threadsafe function that runs jobs on this JS thread.
+fn job_queue(env: &Env) -> Result<JobQueue> {
+    let noop = env.create_function_from_closure::<(), (), _>("cleoRuntimeJob", |_| Ok(()))?;
+    noop.build_threadsafe_function::<Job>()
+        .callee_handled::<false>()
+        .weak::<true>()
+        .max_queue_size::<QUEUE_SIZE>()
+        .build_callback(move |ctx: ThreadsafeCallContext<Job>| {
+            (ctx.value)(&ctx.env);
+            Ok(())
+        })
+}
+
 /// Holds the Node event loop open while a service runs, like an active timer. Dropping it
-/// lets the process exit.
+/// lets the process exit (once no other service of the thread holds it).
 pub struct KeepAlive {
-    _tsfn: ThreadsafeFunction<(), (), (), Status, false, false, 1>,
+    hold: Arc<LoopHold>,
+}
+
+type HoldHandle = ThreadsafeFunction<(), (), (), Status, false, true, 1>;
+
+/// One threadsafe function per JS thread, referenced (holding the event loop open) while any
+/// [`KeepAlive`] of the thread exists: one libuv handle, not one per service (see the module
+/// doc).
+struct LoopHold {
+    /// How many [`KeepAlive`]s exist, and the handle whose reference follows that count.
+    state: Mutex<(usize, HoldHandle)>,
+    /// The thread whose environment the handle belongs to, which alone may (un)reference it.
+    owner: std::thread::ThreadId,
+    env: usize,
+    /// For a [`KeepAlive`] dropped on another thread: the unreference is made here.
+    js: JsThread,
+}
+
+thread_local! {
+    static LOOP_HOLD: std::cell::RefCell<Option<Arc<LoopHold>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 impl KeepAlive {
     pub fn new(env: &Env) -> Result<Self> {
-        let noop =
-            env.create_function_from_closure::<(), (), _>("cleoRuntimeKeepAlive", |_| Ok(()))?;
-        let tsfn = noop
-            .build_threadsafe_function::<()>()
-            .callee_handled::<false>()
-            .weak::<false>()
-            .max_queue_size::<1>()
-            .build_callback(|_ctx: ThreadsafeCallContext<()>| Ok(()))?;
-        Ok(Self { _tsfn: tsfn })
+        let key = env.raw() as usize;
+        let hold = LOOP_HOLD.with(|slot| -> Result<Arc<LoopHold>> {
+            let mut slot = slot.borrow_mut();
+            if let Some(hold) = &*slot
+                && hold.env == key
+            {
+                return Ok(hold.clone());
+            }
+            let noop =
+                env.create_function_from_closure::<(), (), _>("cleoRuntimeKeepAlive", |_| Ok(()))?;
+            let handle = noop
+                .build_threadsafe_function::<()>()
+                .callee_handled::<false>()
+                .weak::<true>()
+                .max_queue_size::<1>()
+                .build_callback(|_ctx: ThreadsafeCallContext<()>| Ok(()))?;
+            let hold = Arc::new(LoopHold {
+                state: Mutex::new((0, handle)),
+                owner: std::thread::current().id(),
+                env: key,
+                js: JsThread::new(env)?,
+            });
+            *slot = Some(hold.clone());
+            Ok(hold)
+        })?;
+        lock(&hold.state).0 += 1;
+        hold.sync(env);
+        Ok(Self { hold })
+    }
+}
+
+impl LoopHold {
+    /// References the handle while a [`KeepAlive`] exists, unreferences it once none does. On
+    /// the owner thread.
+    // `refer`/`unref` are deprecated in favour of cloning, which counts Rust owners; what is
+    // wanted here is the libuv reference itself, and they skip a handle already torn down.
+    #[allow(deprecated)]
+    fn sync(&self, env: &Env) {
+        let mut state = lock(&self.state);
+        let (holders, handle) = &mut *state;
+        // Fails only once the environment is going away, which lets the loop end anyway.
+        let _ = if *holders > 0 {
+            handle.refer(env)
+        } else {
+            handle.unref(env)
+        };
+    }
+}
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        let last = {
+            let mut state = lock(&self.hold.state);
+            state.0 -= 1;
+            state.0 == 0
+        };
+        if !last {
+            return;
+        }
+        if std::thread::current().id() == self.hold.owner {
+            let env = Env::from_raw(self.hold.env as sys::napi_env);
+            self.hold.sync(&env);
+        } else {
+            let hold = self.hold.clone();
+            self.hold.js.fire(move |env| hold.sync(env));
+        }
     }
 }
 
@@ -243,6 +356,58 @@ impl FromNapiValue for Lenient {
             to_json(&env, value, MAX_DEPTH, &mut budget)?.unwrap_or(Value::Null),
         ))
     }
+}
+
+/// A JS value read as JSON in one step where it can be: `JSON.stringify` inside V8, then
+/// `serde_json`, instead of one Node-API call per property and string (a page of 50 messages
+/// is over a thousand of those, each a trip through V8's handle machinery and a copy).
+/// Anything `JSON.stringify` cannot say the way [`Lenient`] reads it falls back to
+/// [`Lenient`]: a value that is not an object, a throw (a BigInt, a cycle, a throwing
+/// getter), or text `serde_json` does not take back (nesting past its limit). Both read
+/// absent members, `undefined`, functions and symbols alike, and a Date as its ISO text.
+pub struct Json(pub Value);
+
+impl FromNapiValue for Json {
+    unsafe fn from_napi_value(env: sys::napi_env, value: sys::napi_value) -> Result<Self> {
+        if let Some(read) = stringified(&Env::from_raw(env), value) {
+            return Ok(Json(read));
+        }
+        Ok(Json(unsafe { Lenient::from_napi_value(env, value) }?.0))
+    }
+}
+
+/// `value` through `JSON.stringify` and back, or None (see [`Json`]); nothing left pending.
+fn stringified(env: &Env, value: sys::napi_value) -> Option<Value> {
+    let mut kind = sys::ValueType::napi_undefined;
+    if unsafe { sys::napi_typeof(env.raw(), value, &mut kind) } != sys::Status::napi_ok
+        || kind != sys::ValueType::napi_object
+    {
+        return None;
+    }
+    let mut global = std::ptr::null_mut();
+    let mut json = std::ptr::null_mut();
+    let mut stringify = std::ptr::null_mut();
+    let mut text = std::ptr::null_mut();
+    let called = unsafe {
+        sys::napi_get_global(env.raw(), &mut global) == sys::Status::napi_ok
+            && sys::napi_get_named_property(env.raw(), global, c"JSON".as_ptr(), &mut json)
+                == sys::Status::napi_ok
+            && sys::napi_get_named_property(env.raw(), json, c"stringify".as_ptr(), &mut stringify)
+                == sys::Status::napi_ok
+            && sys::napi_call_function(env.raw(), json, stringify, 1, &value, &mut text)
+                == sys::Status::napi_ok
+    };
+    if !called {
+        clear_exception(env);
+        return None;
+    }
+    if unsafe { sys::napi_typeof(env.raw(), text, &mut kind) } != sys::Status::napi_ok
+        || kind != sys::ValueType::napi_string
+    {
+        return None;
+    }
+    let text = read_value::<String>(env, text).ok()?;
+    serde_json::from_str(&text).ok()
 }
 
 fn to_json(env: &Env, value: Unknown<'_>, depth: u32, budget: &mut usize) -> Result<Option<Value>> {
