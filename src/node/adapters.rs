@@ -90,10 +90,14 @@ impl Handler for JsHandler {
                     return;
                 }
                 let chunk: Vec<ConduitMessage> = rest.drain(..rest.len().min(BATCH)).collect();
+                // Written here, off the JS thread, and made into JS objects there in one step.
+                let text = serde_json::to_string(&chunk).ok();
                 let (function, settled_js, stop_js) =
                     (function.clone(), settled.clone(), stop.clone());
                 let step = js
-                    .run(move |env| call_handler(env, &function, chunk, &settled_js, &stop_js))
+                    .run(move |env| {
+                        call_handler(env, &function, chunk, text, &settled_js, &stop_js)
+                    })
                     .await;
                 match step {
                     Ok(Step::Done) => {}
@@ -114,29 +118,45 @@ impl Handler for JsHandler {
     }
 }
 
-/// On the JS thread: calls the handler for each message until one returns a promise.
+/// On the JS thread: calls the handler for each message until one returns a promise. `text`
+/// is the chunk as a JSON array: the messages are made by one `JSON.parse` (the objects the
+/// handler gets are the same either way), else one by one.
 fn call_handler(
     env: &Env,
     function: &HandlerRef,
     chunk: Vec<ConduitMessage>,
+    text: Option<String>,
     settled: &Settled,
     stop: &CancellationToken,
 ) -> Result<Step> {
     let handler = function.borrow_back(env)?;
     let handler = unsafe { Unknown::from_raw_unchecked(env.raw(), handler.raw()) };
-    let mut messages = chunk.into_iter();
-    while let Some(message) = messages.next() {
+    let parsed = text
+        .and_then(|text| super::js::parse_json(env, &text).ok())
+        .and_then(|array| unsafe { Array::from_napi_value(env.raw(), array.raw()) }.ok())
+        .filter(|array| array.len() as usize == chunk.len());
+    let mut messages = chunk.into_iter().enumerate();
+    while let Some((index, message)) = messages.next() {
         // stop() runs on this thread too: once it has returned, no call gets through.
         if stop.is_cancelled() {
             return Ok(Step::Stopped);
         }
         let id = message.id.clone();
+        let made = parsed
+            .as_ref()
+            .and_then(|array| array.get::<Unknown>(index as u32).ok().flatten());
         // Whatever the handler throws is this message's failure, described without throwing
         // again: the next message is still handed over (see `js::call`).
-        match super::js::call(env, handler, JsMessage::from(message)) {
+        let called = match made {
+            Some(object) => super::js::call(env, handler, object),
+            None => super::js::call(env, handler, JsMessage::from(message)),
+        };
+        match called {
             Err(thrown) => settled(&id, Outcome::Failed(describe(&thrown))),
             Ok(returned) if returned.is_promise()? => match Pending::observe(env, returned) {
-                Ok(promise) => return Ok(Step::Wait(id, promise, messages.collect())),
+                Ok(promise) => {
+                    return Ok(Step::Wait(id, promise, messages.map(|(_, m)| m).collect()));
+                }
                 Err(e) => settled(&id, Outcome::Failed(describe(&e))),
             },
             Ok(_) => settled(&id, Outcome::Handled),

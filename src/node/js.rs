@@ -264,6 +264,9 @@ impl<T: FromNapiValue + Send + 'static> Settle<T> {
     /// Reads a return value on the JS thread.
     pub fn read(env: &Env, value: Unknown<'_>) -> Result<Self> {
         if value.is_promise()? {
+            if let Some(pending) = Pending::observe_shared(env, value) {
+                return Ok(Settle::Later(pending));
+            }
             Ok(Settle::Later(Pending::observe(env, value)?))
         } else {
             Ok(Settle::Now(read_value(env, value.raw())?))
@@ -315,6 +318,133 @@ impl<T: FromNapiValue + Send + 'static> Pending<T> {
         let then = get_property(env, &object, "then")?;
         apply(env, &object, then, FnArgs::from((fulfilled, rejected)))?;
         Ok(Self(rx))
+    }
+}
+
+impl<T: FromNapiValue + Send + 'static> Pending<T> {
+    /// As [`Pending::observe`], through reactions made once per JS thread instead of two new
+    /// native functions per promise (each a new function template in V8: the largest JS-side
+    /// cost of an idle poll). None when the shared reactions cannot be used; the caller then
+    /// observes the promise the per-promise way.
+    fn observe_shared(env: &Env, promise: Unknown<'_>) -> Option<Self> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let reaction: Reaction = Box::new(move |env: &Env, fulfilled: bool, value| {
+            let read = if fulfilled {
+                read_value::<T>(env, value).map_err(|e| describe(&e))
+            } else {
+                Err(describe_rejection(env, value))
+            };
+            let _ = tx.send(read);
+        });
+        // The borrow ends before any JS runs: a `then` that calls back at once finds the
+        // reaction in place.
+        let (id, observe) = REACTIONS.with(|slot| {
+            let mut slot = slot.borrow_mut();
+            if slot.as_ref().is_none_or(|r| r.env != env.raw() as usize) {
+                *slot = Reactions::new(env);
+            }
+            let reactions = slot.as_mut()?;
+            let mut observe = std::ptr::null_mut();
+            if unsafe { sys::napi_get_reference_value(env.raw(), reactions.observe, &mut observe) }
+                != sys::Status::napi_ok
+                || observe.is_null()
+            {
+                return None;
+            }
+            reactions.next += 1;
+            let id = reactions.next;
+            reactions.waiting.insert(id, reaction);
+            Some((id, observe))
+        })?;
+        let mut undefined = std::ptr::null_mut();
+        let mut key = std::ptr::null_mut();
+        let mut returned = std::ptr::null_mut();
+        let called = unsafe {
+            sys::napi_get_undefined(env.raw(), &mut undefined) == sys::Status::napi_ok
+                && sys::napi_create_double(env.raw(), id as f64, &mut key) == sys::Status::napi_ok
+                && sys::napi_call_function(
+                    env.raw(),
+                    undefined,
+                    observe,
+                    2,
+                    [promise.raw(), key].as_ptr(),
+                    &mut returned,
+                ) == sys::Status::napi_ok
+        };
+        if called {
+            return Some(Self(rx));
+        }
+        clear_exception(env);
+        REACTIONS.with(|slot| {
+            if let Some(reactions) = slot.borrow_mut().as_mut() {
+                reactions.waiting.remove(&id);
+            }
+        });
+        None
+    }
+}
+
+/// What to do with an observed promise's outcome: fulfilled or not, and the value or reason.
+type Reaction = Box<dyn FnOnce(&Env, bool, sys::napi_value)>;
+
+/// The shared reactions of one JS thread's environment (see [`Pending::observe_shared`]).
+struct Reactions {
+    env: usize,
+    /// `observe(promise, id)`, which attaches reactions calling the native `settle(id, ok,
+    /// value)`. A reference that is never deleted: it lives as long as its environment.
+    observe: sys::napi_ref,
+    next: u64,
+    waiting: std::collections::HashMap<u64, Reaction>,
+}
+
+thread_local! {
+    static REACTIONS: std::cell::RefCell<Option<Reactions>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Makes `observe` from a few lines of JS: the reactions are plain closures, so attaching them
+/// costs what a `then` in JavaScript costs. Neither may throw (a throw would reject the
+/// promise `then` returns, which nobody observes).
+const OBSERVE_SOURCE: &str = "(function (settle) {\n\
+  return function observe(promise, id) {\n\
+    promise.then(function (v) { settle(id, true, v); }, function (e) { settle(id, false, e); });\n\
+  };\n\
+})";
+
+impl Reactions {
+    fn new(env: &Env) -> Option<Self> {
+        let settle = env
+            .create_function_from_closure::<(), (), _>("cleoSettle", |ctx| {
+                let id = ctx.get::<f64>(0).ok();
+                let fulfilled = ctx.get::<bool>(1).unwrap_or(false);
+                let value = ctx.get::<Unknown>(2).ok();
+                let reaction = REACTIONS.with(|slot| {
+                    let mut slot = slot.borrow_mut();
+                    slot.as_mut()?.waiting.remove(&(id? as u64))
+                });
+                if let (Some(reaction), Some(value)) = (reaction, value) {
+                    reaction(ctx.env, fulfilled, value.raw());
+                }
+                Ok(())
+            })
+            .ok()?;
+        let make: Unknown = env.run_script(OBSERVE_SOURCE).ok().or_else(|| {
+            clear_exception(env);
+            None
+        })?;
+        let global = env.get_global().ok()?;
+        let observe = call_raw(env, global.raw(), make, settle).ok()?;
+        let mut reference = std::ptr::null_mut();
+        if unsafe { sys::napi_create_reference(env.raw(), observe.raw(), 1, &mut reference) }
+            != sys::Status::napi_ok
+        {
+            return None;
+        }
+        Some(Self {
+            env: env.raw() as usize,
+            observe: reference,
+            next: 0,
+            waiting: std::collections::HashMap::new(),
+        })
     }
 }
 
@@ -408,6 +538,18 @@ fn stringified(env: &Env, value: sys::napi_value) -> Option<Value> {
     }
     let text = read_value::<String>(env, text).ok()?;
     serde_json::from_str(&text).ok()
+}
+
+/// `JSON.parse(text)`: many JS objects made in one call into V8 (a batch of messages for a
+/// handler), each with the shape V8 shares between objects with the same keys, instead of one
+/// Node-API call per property. A throw is an `Err`, with nothing left pending.
+pub fn parse_json<'env>(env: &'env Env, text: &str) -> Result<Unknown<'env>> {
+    let global = env.get_global()?;
+    let json: Object = global
+        .get_named_property("JSON")
+        .map_err(|e| cleared(env, e))?;
+    let parse = get_property(env, &json, "parse")?;
+    apply(env, &json, parse, text)
 }
 
 fn to_json(env: &Env, value: Unknown<'_>, depth: u32, budget: &mut usize) -> Result<Option<Value>> {
