@@ -246,8 +246,12 @@ async function scenarioSse(server) {
     agent.destroy();
     return { sent: i, seconds: (nowMs() - t0) / 1000, rate: i / ((nowMs() - t0) / 1000) };
   };
-  const run = (impl, name, count = PLAN.sseMessages) => {
+  const run = async (impl, name, count = PLAN.sseMessages) => {
     const agentId = `sse-${name}`;
+    // The child starts once it sees a stream open on the server, which counts every agent's
+    // streams: a previous child's stream not closed yet (a loaded machine) would pass for its
+    // own, and the messages sent before its own opened were lost to the run.
+    for (const t = nowMs(); (await server.control('/stats')).streams > 0 && nowMs() - t < 10_000;) await sleep(20);
     return runChild(impl, 'sse', {
       url: server.url, agentId, apiKey: AGENT_KEY(agentId), count,
     }, { onReady: () => drive(agentId, count) });
