@@ -514,6 +514,17 @@ fn stringified(env: &Env, value: sys::napi_value) -> Option<Value> {
     {
         return None;
     }
+    // An empty page, what an idle poll returns: no text to write and read back.
+    let mut is_array = false;
+    let mut length = 0;
+    if unsafe { sys::napi_is_array(env.raw(), value, &mut is_array) } == sys::Status::napi_ok
+        && is_array
+        && unsafe { sys::napi_get_array_length(env.raw(), value, &mut length) }
+            == sys::Status::napi_ok
+        && length == 0
+    {
+        return Some(Value::Array(Vec::new()));
+    }
     let mut global = std::ptr::null_mut();
     let mut json = std::ptr::null_mut();
     let mut stringify = std::ptr::null_mut();
