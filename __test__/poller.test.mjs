@@ -288,6 +288,95 @@ describe('JS transports', () => {
   });
 });
 
+describe('JS transports with peek semantics', () => {
+  // As the real peek and the cleo CLI's local transport answer: `since` is ignored, poll()
+  // returns the oldest unacked messages, so a page polled before the last one is acked is
+  // that page again.
+  class PeekTransport {
+    name = 'peek';
+    #pending;
+    #returned = new Set();
+    repeats = 0;
+    polls = 0;
+    pollsDuringAck = 0;
+    #acking = 0;
+    constructor(count, ackMs) {
+      const t0 = Date.UTC(2026, 0, 1);
+      this.#pending = Array.from({ length: count }, (_, i) => ({
+        id: `p${i}`, from: 'bob', content: `peek ${i}`, timestamp: new Date(t0 + i * 1000).toISOString(),
+      }));
+      this.ackMs = ackMs;
+    }
+    async poll({ limit }) {
+      this.polls += 1;
+      if (this.#acking > 0) this.pollsDuringAck += 1;
+      const page = this.#pending.slice(0, limit);
+      for (const m of page) {
+        if (this.#returned.has(m.id)) this.repeats += 1;
+        this.#returned.add(m.id);
+      }
+      return page;
+    }
+    async ack(ids) {
+      this.#acking += 1;
+      await sleep(this.ackMs);
+      this.#acking -= 1;
+      const done = new Set(ids);
+      this.#pending = this.#pending.filter((m) => !done.has(m.id));
+    }
+    get pending() { return this.#pending.length; }
+  }
+
+  it('no poll while an ack is in flight, and no page comes back twice after the first read-ahead', async () => {
+    const transport = new PeekTransport(160, 25);
+    const p = poller({ apiBaseUrl: 'local', transport, pollIntervalMs: 5 });
+    const got = [];
+    p.onMessage((m) => { got.push(m.id); });
+    p.start();
+    await waitFor(() => transport.pending === 0, { what: 'everything acked', timeoutMs: 20_000 });
+    expect(got).toEqual(Array.from({ length: 160 }, (_, i) => `p${i}`));
+    expect(transport.pollsDuringAck).toBe(0);
+    // One read-ahead (it shows that `since` is ignored) may bring back the page in hand.
+    expect(transport.repeats).toBeLessThanOrEqual(50);
+    const polls = transport.polls;
+    await sleep(100);
+    expect(transport.polls, 'the interval goes on once the inbox is empty').toBeGreaterThan(polls);
+  });
+
+  it('a synchronous handler that throws on some messages: each settles as its own, all acked', async () => {
+    const transport = new PeekTransport(120, 0);
+    const p = poller({ apiBaseUrl: 'local', transport, pollIntervalMs: 5 });
+    const got = [];
+    p.onMessage((m) => {
+      got.push(m.id);
+      if (Number(m.id.slice(1)) % 3 === 0) throw new Error(`boom ${m.id}`);
+    });
+    p.start();
+    await waitFor(() => transport.pending === 0, { what: 'everything acked', timeoutMs: 20_000 });
+    expect(got).toHaveLength(120);
+    expect(p.status()).toMatchObject({ delivered: 80, failed: 40 });
+    expect(p.status().lastError).toMatch(/boom p\d+/);
+  });
+
+  it('the handler gets plain objects with exactly the fields the message has', async () => {
+    const full = {
+      id: 'f1', from: 'bob', content: 'all fields', tags: ['a', 'b'], threadId: 't', groupId: 'g',
+      timestamp: '2026-01-01T00:00:00.000Z', metadata: { n: 1, nested: { list: [1, 'x', null, true] } },
+    };
+    const bare = { id: 'b1', from: 'bob', content: 'bare', timestamp: '2026-01-01T00:00:01.000Z' };
+    const transport = new FakeTransport([full, bare]);
+    const p = poller({ apiBaseUrl: 'local', transport });
+    const got = [];
+    p.onMessage((m) => { got.push(m); });
+    p.start();
+    await waitFor(() => got.length === 2, { what: 'two messages' });
+    expect(got[0]).toStrictEqual(full);
+    expect(got[1]).toStrictEqual(bare);
+    expect(Object.keys(got[1])).toEqual(['id', 'from', 'content', 'timestamp']);
+    for (const m of got) expect(Object.getPrototypeOf(m)).toBe(Object.prototype);
+  });
+});
+
 describe('group conversations', () => {
   // alice watches channels she is not a member of, so only the listing brings their mentions
   // (a member also gets every post as her own fan-out copy: see fidelity.test.mjs).

@@ -91,6 +91,13 @@ export function registryOf(...credentials) {
  * so `since` is a binary search and `ack` an index lookup: the transport's own cost stays
  * small and identical for both implementations.
  *
+ * Two semantics, chosen by `semantics`:
+ *   - `'since'` (the default): `since` is honoured, as the project's own MemoryTransport does;
+ *   - `'peek'`: `since` is ignored and `poll` returns the oldest *unacked* messages, as the
+ *     real HTTP peek does and as the cleo CLI's local transport ends up doing (it binds an ISO
+ *     `since` against integer seconds and so matches nothing). A page polled before the
+ *     previous one is acked is then all duplicates.
+ *
  * `onPoll`, when given, is called with nothing at the start of every `poll()` (the scale
  * scenario records call times with it).
  */
@@ -100,10 +107,16 @@ export class MemoryTransport {
   #done;
   #head = 0;
   #onPoll;
+  #honoursSince;
   polls = 0;
   acks = 0;
+  /** Messages returned by `poll()` that had been returned before and were not acked yet. */
+  duplicates = 0;
+  #returned;
 
-  constructor(count = 0, { onPoll, epochMs = Date.UTC(2026, 0, 1) } = {}) {
+  constructor(count = 0, { onPoll, epochMs = Date.UTC(2026, 0, 1), semantics = 'since' } = {}) {
+    if (semantics !== 'since' && semantics !== 'peek') throw new TypeError(`semantics: ${semantics}`);
+    this.#honoursSince = semantics === 'since';
     this.#messages = new Array(count);
     for (let i = 0; i < count; i++) {
       this.#messages[i] = {
@@ -112,6 +125,7 @@ export class MemoryTransport {
       };
     }
     this.#done = new Uint8Array(count);
+    this.#returned = new Uint8Array(count);
     this.#onPoll = onPoll;
   }
 
@@ -124,10 +138,15 @@ export class MemoryTransport {
     this.polls += 1;
     const limit = options?.limit ?? 50;
     let i = this.#head;
-    if (options?.since) i = Math.max(i, this.#firstAfter(options.since));
+    if (options?.since && this.#honoursSince) i = Math.max(i, this.#firstAfter(options.since));
     const page = [];
     const all = this.#messages;
-    for (; i < all.length && page.length < limit; i++) if (!this.#done[i]) page.push(all[i]);
+    for (; i < all.length && page.length < limit; i++) {
+      if (this.#done[i]) continue;
+      this.duplicates += this.#returned[i];
+      this.#returned[i] = 1;
+      page.push(all[i]);
+    }
     return page;
   }
 

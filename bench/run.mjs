@@ -24,8 +24,10 @@
  *   BENCH_QUICK=1       a CI-sized run (about a minute): fewer messages, fewer
  *                       repetitions, a 10 s idle window, one 8 s scale window.
  *   BENCH_IDLE_SECONDS  the idle window (default 60, or 10 when quick).
- *   BENCH_ONLY          comma-separated scenario names to run (sse, local, groups,
- *                       throughput, idle, scale, stop); default all.
+ *   BENCH_ONLY          comma-separated scenarios to run: sse, local, groups, throughput,
+ *                       idle, scale, stop; `throughput` and `scale` run both transport
+ *                       semantics, `throughput:peek`, `throughput:since`, `scale:peek` and
+ *                       `scale:since` one of them. Default all.
  */
 import { spawn, execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
@@ -41,7 +43,12 @@ const ROOT = resolve(BENCH, '..');
 const SCENARIO = join(BENCH, 'scenario.mjs');
 const SERVER = join(ROOT, 'testing', 'signaldock-server.mjs');
 const QUICK = /^(1|true|yes)$/i.test(process.env.BENCH_QUICK ?? '');
-const ONLY = process.env.BENCH_ONLY ? new Set(process.env.BENCH_ONLY.split(',').map((s) => s.trim())) : null;
+const ONLY = process.env.BENCH_ONLY ? new Set(process.env.BENCH_ONLY.split(',').map((s) => s.trim()).filter(Boolean)) : null;
+/** Whether `BENCH_ONLY` asks for scenario `name` (in its variant `variant`, when given). */
+const wanted = (name, variant) => !ONLY || ONLY.has(name) || (variant != null && ONLY.has(`${name}:${variant}`))
+  || (variant == null && [...ONLY].some((o) => o.startsWith(`${name}:`)));
+/** The JS transport semantics the burst and scale scenarios run with (see common.mjs). */
+const SEMANTICS = ['since', 'peek'];
 
 /** How big each scenario is, full and quick. */
 const PLAN = {
@@ -54,6 +61,8 @@ const PLAN = {
   groupReps: QUICK ? 2 : 5,
   burst: QUICK ? 20_000 : 100_000,
   burstReps: QUICK ? 1 : 3,
+  // The peek-semantics burst is the size the issue measured it at, in both modes.
+  peekBurst: 20_000,
   idleSeconds: Number(process.env.BENCH_IDLE_SECONDS ?? (QUICK ? 10 : 60)),
   idleMany: 100,
   scalePollers: 1000,
@@ -237,8 +246,12 @@ async function scenarioSse(server) {
     agent.destroy();
     return { sent: i, seconds: (nowMs() - t0) / 1000, rate: i / ((nowMs() - t0) / 1000) };
   };
-  const run = (impl, name, count = PLAN.sseMessages) => {
+  const run = async (impl, name, count = PLAN.sseMessages) => {
     const agentId = `sse-${name}`;
+    // The child starts once it sees a stream open on the server, which counts every agent's
+    // streams: a previous child's stream not closed yet (a loaded machine) would pass for its
+    // own, and the messages sent before its own opened were lost to the run.
+    for (const t = nowMs(); (await server.control('/stats')).streams > 0 && nowMs() - t < 10_000;) await sleep(20);
     return runChild(impl, 'sse', {
       url: server.url, agentId, apiKey: AGENT_KEY(agentId), count,
     }, { onReady: () => drive(agentId, count) });
@@ -293,11 +306,12 @@ async function scenarioGroups(server) {
   }
 }
 
-async function scenarioThroughput() {
+async function scenarioThroughput(semantics) {
   const out = { floor: [], native: [], baseline: [] };
+  const count = semantics === 'peek' ? PLAN.peekBurst : PLAN.burst;
   for (let rep = 0; rep < PLAN.burstReps; rep++) {
-    out.floor.push(await runChild('none', 'throughput', { count: PLAN.burst }));
-    const got = await both((impl) => runChild(impl, 'throughput', { count: PLAN.burst, pollIntervalMs: 1 }));
+    out.floor.push(await runChild('none', 'throughput', { count, semantics }));
+    const got = await both((impl) => runChild(impl, 'throughput', { count, semantics, pollIntervalMs: 1 }));
     for (const [name, run] of Object.entries(got)) out[name].push(run);
   }
   return out;
@@ -320,10 +334,10 @@ async function scenarioIdle(server) {
   return out;
 }
 
-async function scenarioScale() {
+async function scenarioScale(semantics) {
   const out = { native: [], baseline: [] };
   for (let rep = 0; rep < PLAN.scaleReps; rep++) {
-    const got = await both((impl) => runChild(impl, 'scale', { pollers: PLAN.scalePollers, seconds: PLAN.scaleSeconds, intervalMs: 1000 }));
+    const got = await both((impl) => runChild(impl, 'scale', { pollers: PLAN.scalePollers, seconds: PLAN.scaleSeconds, intervalMs: 1000, semantics }));
     for (const [name, run] of Object.entries(got)) out[name].push(run);
   }
   return out;
@@ -362,6 +376,7 @@ function row(scenario, metric, unit, native, baseline, floor, aim, better = 'low
   if (aim?.beat) checks.push(native != null && baseline != null ? (better === 'lower' ? native < baseline : native > baseline) : null);
   if (aim?.ratioMax != null) checks.push(ratio != null ? ratio <= aim.ratioMax : null);
   if (aim?.ratioMin != null) checks.push(ratio != null ? ratio >= aim.ratioMin : null);
+  if (aim?.floorMax != null) checks.push(native != null && floor != null ? native <= floor * aim.floorMax : null);
   const known = checks.filter((c) => c !== null);
   const met = known.length ? known.every(Boolean) : null;
   return { scenario, metric, unit, native, baseline, floor, ratio, aim, met, better, note };
@@ -374,6 +389,7 @@ function aimText({ aim, unit, better }) {
   if (aim.beat) parts.push(better === 'higher' ? '> base' : '< base');
   if (aim.ratioMax != null) parts.push(`≤ ${aim.ratioMax}× base`);
   if (aim.ratioMin != null) parts.push(`≥ ${aim.ratioMin}× base`);
+  if (aim.floorMax != null) parts.push(`≤ ${aim.floorMax}× floor`);
   return parts.join(', ');
 }
 
@@ -404,9 +420,9 @@ function buildRows(r) {
     // A run that lost messages has no latency figure: it did not do the scenario.
     const lat = (name, p) => get(r.sse[name], (x) => (x.received === PLAN.sseMessages ? x.latencyMs[p] : null));
     const label = `1 SSE → handler @${PLAN.sseRate}/s`;
-    rows.push(row(label, 'latency p50', 'ms', lat('native', 'p50'), lat('baseline', 'p50'), lat('floor', 'p50'), { beat: true }, 'lower', 'floor: plain node:http SSE reader'));
+    rows.push(row(label, 'latency p50', 'ms', lat('native', 'p50'), lat('baseline', 'p50'), lat('floor', 'p50'), { ratioMax: 1, floorMax: 1.1 }, 'lower', 'floor: plain node:http SSE reader'));
     rows.push(row(label, 'latency p90', 'ms', lat('native', 'p90'), lat('baseline', 'p90'), lat('floor', 'p90'), null, 'lower'));
-    rows.push(row(label, 'latency p99', 'ms', lat('native', 'p99'), lat('baseline', 'p99'), lat('floor', 'p99'), { beat: true }, 'lower'));
+    rows.push(row(label, 'latency p99', 'ms', lat('native', 'p99'), lat('baseline', 'p99'), lat('floor', 'p99'), { ratioMax: 1, floorMax: 1.1 }, 'lower'));
     rows.push(row(label, 'client CPU', 'ms', get(r.sse.native, (x) => x.cpuMs), get(r.sse.baseline, (x) => x.cpuMs), get(r.sse.floor, (x) => x.cpuMs), null, 'lower', 'CPU of the receiving process over the send window'));
   }
   if (r.local?.native) {
@@ -424,15 +440,19 @@ function buildRows(r) {
     rows.push(row(`3 one cycle, ${PLAN.groups} groups +${PLAN.groupDelayMs} ms`, 'cycle time', 'ms', cyc('native'), cyc('baseline'), one, { beat: true }, 'lower', 'median of reps; floor: one delayed group round trip'));
     rows.push(row(`3 one cycle, ${PLAN.groups} groups +${PLAN.groupDelayMs} ms`, 'cycle ÷ round trip', '×', cyc('native') != null ? cyc('native') / one : null, cyc('baseline') != null ? cyc('baseline') / one : null, 1, { max: 2, beat: true }, 'lower'));
   }
-  if (r.throughput) {
-    const t = r.throughput;
+  for (const semantics of SEMANTICS) {
+    const t = r[`throughput:${semantics}`];
+    if (!t) continue;
     const rate = (runs) => med(runs, (x) => (x.handled === x.count ? x.msgsPerSec : null));
     const ns = (runs) => med(runs, (x) => (x.handled === x.count ? x.nsPerMsg : null));
     const peak = (runs) => med(runs, (x) => x.peakAddedMiB);
-    const burst = `4 burst of ${PLAN.burst.toLocaleString('en-US')} via JS transport`;
+    const dup = (runs) => med(runs, (x) => x.duplicates);
+    const count = semantics === 'peek' ? PLAN.peekBurst : PLAN.burst;
+    const burst = `4 burst of ${count.toLocaleString('en-US')} via JS transport, ${semantics === 'peek' ? 'peek semantics' : 'honours since'}`;
     rows.push(row(burst, 'throughput', 'msg/s', rate(t.native), rate(t.baseline), rate(t.floor), { ratioMin: 2 }, 'higher', 'floor: plain JS poll→handler→ack loop'));
     rows.push(row(burst, 'time per message', 'ns', ns(t.native), ns(t.baseline), ns(t.floor), null, 'lower', 'native − floor ≈ the boundary cost per message'));
-    rows.push(row(burst, 'peak RSS added', 'MiB', peak(t.native), peak(t.baseline), peak(t.floor), null, 'lower', 'VmHWM − RSS before start'));
+    rows.push(row(burst, 'peak RSS added', 'MiB', peak(t.native), peak(t.baseline), peak(t.floor), semantics === 'peek' ? { ratioMax: 1 } : null, 'lower', 'VmHWM − RSS before start'));
+    rows.push(row(burst, 'duplicate messages polled', '', dup(t.native), dup(t.baseline), dup(t.floor), null, 'lower', 'rows a poll() returned again before their ack'));
   }
   if (r.idle) {
     const i = r.idle;
@@ -444,14 +464,15 @@ function buildRows(r) {
       rows.push(row(label, `RSS added, ${n} runtime${n > 1 ? 's' : ''}`, 'MiB', rss(`native${n}`), rss(`baseline${n}`), rss('floor'), { ratioMax: 1 }, 'lower', 'RSS at end − RSS before import'));
     }
   }
-  if (r.scale) {
-    const s = r.scale;
+  for (const semantics of SEMANTICS) {
+    const s = r[`scale:${semantics}`];
+    if (!s) continue;
     const late = (name, p) => med(s[name], (x) => x.latenessMs[p]);
-    const label = `6 ${PLAN.scalePollers} pollers @1 s (in-memory transports)`;
+    const label = `6 ${PLAN.scalePollers} pollers @1 s (in-memory JS transports, ${semantics === 'peek' ? 'peek semantics' : 'honour since'})`;
     rows.push(row(label, 'lateness p50', 'ms', late('native', 'p50'), late('baseline', 'p50'), null, null, 'lower', 'median of reps'));
     rows.push(row(label, 'lateness p99', 'ms', late('native', 'p99'), late('baseline', 'p99'), null, { beat: true }, 'lower', 'k-th poll() vs start + k·1 s, k ≥ 1; median of reps'));
     rows.push(row(label, 'missed cycles', '', med(s.native, (x) => x.missed), med(s.baseline, (x) => x.missed), null, null, 'lower'));
-    rows.push(row(label, 'CPU', '% core', med(s.native, (x) => x.cpuPercent), med(s.baseline, (x) => x.cpuPercent), null, null, 'lower'));
+    rows.push(row(label, 'CPU', '% core', med(s.native, (x) => x.cpuPercent), med(s.baseline, (x) => x.cpuPercent), null, { ratioMax: 1 }, 'lower'));
   }
   if (r.stop) {
     const st = r.stop;
@@ -496,13 +517,13 @@ async function main() {
     ...Array.from({ length: PLAN.idleMany }, (_, i) => `idle-${i}`)].map((id) => [id, AGENT_KEY(id)]);
   const server = await Server.start(agents);
   const results = { floors: {} };
-  const wanted = (name) => !ONLY || ONLY.has(name);
-  const step = async (name, fn) => {
-    if (!wanted(name)) return;
+  const step = async (name, fn, variant) => {
+    if (!wanted(name, variant)) return;
+    const key = variant ? `${name}:${variant}` : name;
     const t = nowMs();
-    log(`- ${name} …`);
-    results[name] = await fn();
-    log(`  ${name} done in ${((nowMs() - t) / 1000).toFixed(1)} s`);
+    log(`- ${key} …`);
+    results[key] = await fn();
+    log(`  ${key} done in ${((nowMs() - t) / 1000).toFixed(1)} s`);
   };
   try {
     results.floors.httpRtt = await roundTrips(`${server.url}/health`, PLAN.rttSamples);
@@ -510,9 +531,9 @@ async function main() {
     await step('sse', () => scenarioSse(server));
     await step('local', () => scenarioLocal());
     await step('groups', () => scenarioGroups(server));
-    await step('throughput', () => scenarioThroughput());
+    for (const semantics of SEMANTICS) await step('throughput', () => scenarioThroughput(semantics), semantics);
     await step('idle', () => scenarioIdle(server));
-    await step('scale', () => scenarioScale());
+    for (const semantics of SEMANTICS) await step('scale', () => scenarioScale(semantics), semantics);
     await step('stop', () => scenarioStop(server));
   } finally {
     server.close();

@@ -23,12 +23,14 @@
  *              (native only); handler latency = arrival − the writer's stamp.
  *   groups     {url, agentId, apiKey, groups, timeoutMs}: time from poller.start() until
  *              one mention per group reached the handler.
- *   throughput {count, pollIntervalMs}: an AgentPoller over a MemoryTransport of `count`
- *              messages; msgs/s to a synchronous handler; `none` = plain poll/handle/ack loop.
+ *   throughput {count, pollIntervalMs, semantics}: an AgentPoller over a MemoryTransport of
+ *              `count` messages (`semantics` 'since' or 'peek', see common.mjs); msgs/s to a
+ *              synchronous handler; `none` = plain poll/handle/ack loop.
  *   idle       {url, agents, seconds, warmupMs}: CPU and RSS of idle runtimes (5 s poll,
  *              30 s heartbeat) over a window; `none` = an empty process for the same window.
- *   scale      {pollers, seconds, intervalMs}: that many AgentPollers over in-memory
- *              transports; lateness of each poll() call against its poller's schedule.
+ *   scale      {pollers, seconds, intervalMs, semantics}: that many AgentPollers over
+ *              in-memory transports; lateness of each poll() call against its poller's
+ *              schedule.
  *   stop       {url, agentId, apiKey, settleMs, sse}: a runtime (heartbeat, key rotation,
  *              poller, and the SSE stream when `sse`), then stop(); stop() → 'exit'
  *              event; `none` = an empty process reaching its end.
@@ -201,9 +203,9 @@ const scenarios = {
     result({ groupsDelivered: seenGroups.size, timedOut: end.state.timedOut, cycleMs: last - t0 });
   },
 
-  async throughput({ count, pollIntervalMs = 1, timeoutMs = 120_000 }) {
+  async throughput({ count, pollIntervalMs = 1, semantics = 'since', timeoutMs = 120_000 }) {
     const impl = await load();
-    const transport = new MemoryTransport(count);
+    const transport = new MemoryTransport(count, { semantics });
     let handled = 0;
     let last = 0;
     const end = deadline(timeoutMs);
@@ -236,9 +238,10 @@ const scenarios = {
     poller?.stop();
     const hwm = procStatus().vmHwmKiB;
     result({
-      count, handled, timedOut: end.state.timedOut, elapsedMs,
+      count, semantics, handled, timedOut: end.state.timedOut, elapsedMs,
       msgsPerSec: handled / (elapsedMs / 1000), nsPerMsg: (elapsedMs * 1e6) / handled,
-      cpuMs, polls: transport.polls, acks: transport.acks, pollerStatus: status ?? null,
+      cpuMs, polls: transport.polls, acks: transport.acks, duplicates: transport.duplicates,
+      pollerStatus: status ?? null,
       rssBeforeMiB: MiB(rssBefore), peakRssMiB: hwm / 1024, peakAddedMiB: hwm / 1024 - MiB(rssBefore),
     });
   },
@@ -276,14 +279,14 @@ const scenarios = {
     });
   },
 
-  async scale({ pollers, seconds, intervalMs = 1000 }) {
+  async scale({ pollers, seconds, intervalMs = 1000, semantics = 'since' }) {
     const { AgentPoller } = await load();
     const calls = Array.from({ length: pollers }, () => []);
     const starts = new Float64Array(pollers);
     const list = [];
     const cpu0 = process.cpuUsage();
     for (let i = 0; i < pollers; i++) {
-      const transport = new MemoryTransport(0, { onPoll: () => calls[i].push(performance.now()) });
+      const transport = new MemoryTransport(0, { semantics, onPoll: () => calls[i].push(performance.now()) });
       const poller = new AgentPoller({
         agentId: `scale-${i}`, apiKey: 'k', apiBaseUrl: 'http://127.0.0.1:9', pollIntervalMs: intervalMs, transport,
       });
@@ -311,7 +314,7 @@ const scenarios = {
       calls[i].forEach((at, k) => (k === 0 ? first : steady).push(at - due(k)));
     }
     result({
-      pollers, seconds, intervalMs, startAllMs: startedAll - starts[0],
+      pollers, seconds, intervalMs, semantics, startAllMs: startedAll - starts[0],
       latenessMs: summarize(steady), firstCallLatenessMs: summarize(first),
       expectedCalls, calls: steady.length + first.length, missed,
       cpuMs, cpuPercent: (cpuMs / (endAt - starts[0])) * 100,

@@ -169,6 +169,9 @@ struct Batch {
     ack: bool,
     /// A marker with no messages: answered when the delivery loop reaches it.
     answer: Option<Request>,
+    /// For a page of direct messages: counted in [`Shared::direct_unacked`] until handled and
+    /// acked, or dropped with the queue.
+    unacked: Option<Unacked>,
 }
 
 impl Batch {
@@ -177,8 +180,48 @@ impl Batch {
             messages,
             ack,
             answer: None,
+            unacked: None,
         }
     }
+
+    /// A page of direct messages, acked once handled.
+    fn direct(shared: &Shared, messages: Vec<ConduitMessage>) -> Self {
+        Self {
+            unacked: Some(Unacked::count(&shared.direct_unacked)),
+            ..Self::of(messages, true)
+        }
+    }
+}
+
+/// One direct page between the poll that found it and the end of its ack, whichever way it
+/// ends (acked, given up, or dropped with the queue on `stop()`): a counter that cannot leak.
+struct Unacked(Arc<AtomicUsize>);
+
+impl Unacked {
+    fn count(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for Unacked {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Whether a page polled with `since` holds a row older than it: the source does not honour
+/// `since` (peek semantics: the oldest unacked rows whatever is asked, as the real peek and
+/// the cleo CLI's local transport answer). Reading ahead of the acks then only brings back the
+/// page being handled.
+fn ignores_since(since: &str, page: &Page) -> bool {
+    let Some(since) = clock::parse_iso_ms(since) else {
+        return false;
+    };
+    page.messages
+        .iter()
+        .filter_map(|m| clock::parse_iso_ms(&m.timestamp))
+        .any(|at| at < since)
 }
 
 #[derive(Default)]
@@ -214,6 +257,13 @@ struct Shared {
     /// whole seconds, so `since` cannot page inside one) only acks uncover. The delivery
     /// loop polls again as soon as it has acked.
     direct_full: AtomicBool,
+    /// Direct pages queued, being handled or being acked (see [`Unacked`]). A poll without a
+    /// `since` to look past them (or to a source that ignores `since`) would only bring them
+    /// back: it waits for their ack instead.
+    direct_unacked: Arc<AtomicUsize>,
+    /// A direct poll was put off while a page was unacked: the delivery loop polls once the
+    /// ack is in.
+    direct_deferred: AtomicBool,
     /// Callers of [`Poller::poll_now_and_wait`] whose cycle has not started yet.
     poll_waiters: Mutex<Vec<Waiter>>,
     /// A requested poll whose round has been handled, back for the next round.
@@ -272,6 +322,8 @@ impl Poller {
                 kick: Notify::new(),
                 direct_requested: AtomicBool::new(false),
                 direct_full: AtomicBool::new(false),
+                direct_unacked: Arc::new(AtomicUsize::new(0)),
+                direct_deferred: AtomicBool::new(false),
                 poll_waiters: Mutex::new(Vec::new()),
                 resumed: Mutex::new(None),
                 pending_acks: Mutex::new(Vec::new()),
@@ -568,6 +620,23 @@ impl Shared {
         }
     }
 
+    /// Whether the next direct poll should wait for the ack of the pages in hand: with no
+    /// `since` to look past them by (or a source that ignores it), it would be a round trip
+    /// that brings back only what is being handled. Marks the poll owed, for the delivery
+    /// loop to make once the ack is in.
+    fn defer_direct_poll(&self, tracks: &Tracks) -> bool {
+        if tracks.direct_since.is_some() && !tracks.since_ignored {
+            return false;
+        }
+        // Owed first, then counted: a page whose ack ends in between sees the debt and polls.
+        self.direct_deferred.store(true, Ordering::SeqCst);
+        if self.direct_unacked.load(Ordering::SeqCst) > 0 {
+            return true;
+        }
+        self.direct_deferred.store(false, Ordering::SeqCst);
+        false
+    }
+
     /// A handler call settled: the key moves from queued to seen (in that order, so that
     /// it is never in neither).
     fn settle(&self, key: &str) {
@@ -586,6 +655,9 @@ struct Tracks {
     direct_limit: u32,
     /// High-water mark for the next direct poll, when the last page was full and all seen.
     direct_since: Option<String>,
+    /// The direct source answered a poll with rows older than its `since` (see
+    /// [`ignores_since`]): no more reading ahead, and no poll while a page is unacked.
+    since_ignored: bool,
     groups: HashMap<String, GroupTrack>,
 }
 
@@ -739,7 +811,10 @@ async fn poll_loop(shared: Arc<Shared>, queue: mpsc::Sender<Batch>, token: Cance
         // one, or the realtime path dropping, sets the next due time.
         let requested = shared.direct_requested.swap(false, Ordering::Relaxed) || request.is_some();
         let scheduled = direct_now || now >= direct_due;
-        let run_direct = scheduled || requested;
+        let mut run_direct = scheduled || requested;
+        if run_direct && request.is_none() && shared.defer_direct_poll(&tracks) {
+            run_direct = false;
+        }
         if scheduled {
             direct_due = now
                 + if *shared.realtime.borrow() {
@@ -826,6 +901,7 @@ async fn cycle(
             .push("direct: waiting out the server's Retry-After".to_owned());
     }
     let since = tracks.direct_since.clone();
+    let asked_since = since.clone();
     let direct_limit = tracks.direct_limit.clamp(1, DIRECT_PAGE);
     let direct = async move {
         if direct_allowed {
@@ -902,6 +978,15 @@ async fn cycle(
                         .max()
                         .cloned()
                 });
+                if let Some(since) = &asked_since
+                    && !tracks.since_ignored
+                    && ignores_since(since, &page)
+                {
+                    tracing::debug!(
+                        "the direct source does not honour `since`: polls wait for acks"
+                    );
+                    tracks.since_ignored = true;
+                }
                 let fresh = shared.fresh(page.messages);
                 // Offered again after being handled (an ack lost or refused), or a copy of a
                 // message handled through another path: ack it, or it stays pending.
@@ -915,6 +1000,9 @@ async fn cycle(
                         more = true;
                         None
                     }
+                    // `since` is not honoured: only acks move the window, and the delivery
+                    // loop polls again as soon as they are in.
+                    _ if tracks.since_ignored => None,
                     // Full of what was handled but cannot be acked: look past it from the
                     // page's last second on, once per distinct mark. A page all in one
                     // second cannot be looked past without skipping rows of that second out
@@ -938,7 +1026,8 @@ async fn cycle(
                     _ => None,
                 };
                 outcome.full |= full;
-                if !fresh.is_empty() && !enqueue(shared, queue, Batch::of(fresh, true)).await {
+                if !fresh.is_empty() && !enqueue(shared, queue, Batch::direct(shared, fresh)).await
+                {
                     return CycleOutcome::default();
                 }
             }
@@ -1156,10 +1245,14 @@ async fn deliver_batch(
     batch: Batch,
     token: CancellationToken,
 ) {
-    let ack = batch.ack;
+    let Batch {
+        messages,
+        ack,
+        unacked,
+        ..
+    } = batch;
     // Settled by id; remembered by dedup key where the two differ (group-message copies).
-    let keys: HashMap<String, String> = batch
-        .messages
+    let keys: HashMap<String, String> = messages
         .iter()
         .filter(|m| m.dedup_key() != m.id)
         .map(|m| (m.id.clone(), m.dedup_key().to_owned()))
@@ -1168,9 +1261,8 @@ async fn deliver_batch(
     // away, a call could not even be made) leaves some unsettled: those were never handed
     // over, so they must neither be acked nor stay "queued" (which would hide them from the
     // next peek for good).
-    let unsettled: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(
-        batch.messages.iter().map(|m| m.id.clone()).collect(),
-    ));
+    let unsettled: Arc<Mutex<HashSet<String>>> =
+        Arc::new(Mutex::new(messages.iter().map(|m| m.id.clone()).collect()));
     let keys = Arc::new(keys);
     let settled: Settled = {
         let shared = shared.clone();
@@ -1196,9 +1288,7 @@ async fn deliver_batch(
             }
         })
     };
-    handler
-        .deliver(batch.messages, settled, token.clone())
-        .await;
+    handler.deliver(messages, settled, token.clone()).await;
     let left: Vec<String> = lock(&unsettled).drain().collect();
     if !left.is_empty() && !token.is_cancelled() {
         tracing::debug!(
@@ -1211,8 +1301,13 @@ async fn deliver_batch(
         }
     }
     if ack {
-        // Acked: the server's window moved. Behind a full page, read the next one now.
-        if flush_acks(shared).await && shared.direct_full.swap(false, Ordering::Relaxed) {
+        // Acked: the server's window moved. Behind a full page, read the next one now; and
+        // make a poll that was put off while this page was unacked (see
+        // `Shared::defer_direct_poll`), counted down first so that it is not put off again.
+        let acked = flush_acks(shared).await;
+        drop(unacked);
+        let deferred = shared.direct_deferred.swap(false, Ordering::SeqCst);
+        if (acked && shared.direct_full.swap(false, Ordering::Relaxed)) || deferred {
             shared.direct_requested.store(true, Ordering::Relaxed);
             shared.kick.notify_one();
         }

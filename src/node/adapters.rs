@@ -16,7 +16,7 @@ use napi_derive::napi;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::js::{JsFn, JsThread, Lenient, Pending, PersistentObject, describe};
+use super::js::{JsFn, JsThread, Json, Lenient, Pending, PersistentObject, describe};
 use crate::core::delivery::{Handler, Outcome, Settled};
 use crate::core::error::{Error as CoreError, Result as CoreResult};
 use crate::core::key_rotation::{Registry, RegistryCredential};
@@ -91,10 +91,14 @@ impl Handler for JsHandler {
                     return;
                 }
                 let chunk: Vec<ConduitMessage> = rest.drain(..rest.len().min(BATCH)).collect();
+                // Written here, off the JS thread, and made into JS objects there in one step.
+                let text = serde_json::to_string(&chunk).ok();
                 let (function, settled_js, stop_js) =
                     (function.clone(), settled.clone(), stop.clone());
                 let step = js
-                    .run(move |env| call_handler(env, &function, chunk, &settled_js, &stop_js))
+                    .run(move |env| {
+                        call_handler(env, &function, chunk, text, &settled_js, &stop_js)
+                    })
                     .await;
                 match step {
                     Ok(Step::Done) => {}
@@ -115,28 +119,43 @@ impl Handler for JsHandler {
     }
 }
 
-/// On the JS thread: calls the handler for each message until one returns a promise.
+/// On the JS thread: calls the handler for each message until one returns a promise. `text`
+/// is the chunk as a JSON array: the messages are made by one `JSON.parse` (the objects the
+/// handler gets are the same either way), else one by one.
 fn call_handler(
     env: &Env,
     function: &HandlerRef,
     chunk: Vec<ConduitMessage>,
+    text: Option<String>,
     settled: &Settled,
     stop: &CancellationToken,
 ) -> Result<Step> {
     let handler = function.get(env)?;
-    let mut messages = chunk.into_iter();
-    while let Some(message) = messages.next() {
+    let parsed = text
+        .and_then(|text| super::js::parse_json_array(env, &text))
+        .filter(|array| array.len() as usize == chunk.len());
+    let mut messages = chunk.into_iter().enumerate();
+    while let Some((index, message)) = messages.next() {
         // stop() runs on this thread too: once it has returned, no call gets through.
         if stop.is_cancelled() {
             return Ok(Step::Stopped);
         }
         let id = message.id.clone();
+        let made = parsed
+            .as_ref()
+            .and_then(|array| array.get::<Unknown>(index as u32).ok().flatten());
         // Whatever the handler throws is this message's failure, described without throwing
         // again: the next message is still handed over (see `js::call`).
-        match super::js::call(env, handler, JsMessage::from(message)) {
+        let called = match made {
+            Some(object) => super::js::call(env, handler, object),
+            None => super::js::call(env, handler, JsMessage::from(message)),
+        };
+        match called {
             Err(thrown) => settled(&id, Outcome::Failed(describe(&thrown))),
             Ok(returned) if returned.is_promise()? => match Pending::observe(env, returned) {
-                Ok(promise) => return Ok(Step::Wait(id, promise, messages.collect())),
+                Ok(promise) => {
+                    return Ok(Step::Wait(id, promise, messages.map(|(_, m)| m).collect()));
+                }
                 Err(e) => settled(&id, Outcome::Failed(describe(&e))),
             },
             Ok(_) => settled(&id, Outcome::Handled),
@@ -188,8 +207,8 @@ impl JsTransport {
             .object
             .js()
             .run(move |env| match arg {
-                Some(arg) => object.call_method::<Value, Lenient>(env, method, arg),
-                None => object.call_method::<(), Lenient>(env, method, ()),
+                Some(arg) => object.call_method::<Value, Json>(env, method, arg),
+                None => object.call_method::<(), Json>(env, method, ()),
             })
             .await
             .map_err(|e| in_method(&self.name, method, e))?;

@@ -1,8 +1,11 @@
 //! Calling JavaScript from tokio, safely.
 //!
 //! Everything the runtime does to JS values happens in a closure run on the JS thread by
-//! [`JsThread`]: one weak threadsafe function per service whose callback runs the closure
-//! with the `Env`. That gives the boundary four properties at once:
+//! [`JsThread`]: one threadsafe function per JS thread (shared by every service started
+//! there) whose callback runs the closure with the `Env`. One, not one per service: each
+//! threadsafe function is a libuv async handle, and libuv looks at every such handle on each
+//! wake-up of the loop, so 1,000 pollers with their own handles made every hop scan 1,000s of
+//! them. That gives the boundary four properties at once:
 //!
 //! - **`this` is right**: methods are fetched from their object and applied to it, so a
 //!   class instance's methods work (a plain threadsafe-function call passes `undefined`).
@@ -12,11 +15,12 @@
 //!   throws — is described by [`describe_thrown`] without letting a second exception escape:
 //!   napi-rs's own conversion coerces the value to a string, which throws again for a Symbol,
 //!   and that exception, left pending, reached Node as uncaught (exit 1).
-//! - **bounded**: the queue holds [`QUEUE_SIZE`] closures; when it is full, callers wait
-//!   (backpressure) instead of memory growing.
-//! - **no accidental liveness**: the threadsafe function is weak, so a pending call never
-//!   keeps the process alive. What keeps it alive while a service runs is an explicit
-//!   [`KeepAlive`], held by [`super::lifetime::Liveness`] until `stop()`.
+//! - **bounded**: the queue holds [`QUEUE_SIZE`] closures of all the thread's services; when it
+//!   is full, callers wait (backpressure) instead of memory growing.
+//! - **alive exactly while needed**: the queue exists while a [`KeepAlive`] does (held by
+//!   [`super::lifetime::Liveness`] from a service's start to its `stop()`), and holds the
+//!   process open meanwhile, like a timer; once the last service of the thread stops it is
+//!   released, so nothing of the runtime stays open (test runners see no leaked handle).
 //!
 //! | Rust | JavaScript |
 //! |---|---|
@@ -45,82 +49,106 @@ use serde_json::{Map, Number, Value};
 use crate::core::error::Error as CoreError;
 use crate::core::sync::lock;
 
-/// Closures queued per service before callers wait.
-pub const QUEUE_SIZE: usize = 512;
+/// Closures queued per JS thread before callers wait.
+pub const QUEUE_SIZE: usize = 4096;
 /// Nesting accepted when reading a JS value as JSON.
 const MAX_DEPTH: u32 = 64;
 /// Properties and elements accepted when reading one JS value as JSON.
 const MAX_NODES: usize = 1_000_000;
 
 type Job = Box<dyn FnOnce(&Env) + Send>;
-type JobQueue = ThreadsafeFunction<Job, (), (), Status, false, true, QUEUE_SIZE>;
+type JobQueue = ThreadsafeFunction<Job, (), (), Status, false, false, QUEUE_SIZE>;
 
-/// Runs closures on the JS thread. Cheap to clone; clones share one queue.
+/// Runs closures on the JS thread. Cheap to clone.
 ///
-/// The queue is open from [`JsThread::new`] until [`JsThread::close`], and again after
-/// [`JsThread::open`]: a running service keeps its queues open (through
-/// [`super::lifetime::Liveness`]), a stopped one closes them. An open threadsafe function is a
-/// live async resource to Node (Jest's `--detectOpenHandles` lists it), so a stopped service
-/// must not leave one behind until the garbage collector happens to finalize its wrapper.
+/// Every `JsThread` of one JS thread (one Node environment) shares that thread's queue, which
+/// exists exactly while something of the thread holds a [`KeepAlive`] (a running service, a
+/// connected transport, a runtime being built): opened by the first, released with the last.
+/// So a stopped service leaves no threadsafe function behind (an open one is an async
+/// resource Jest's `--detectOpenHandles` reports), and no service pays for one of its own.
 #[derive(Clone)]
 pub struct JsThread {
-    shared: Arc<Shared>,
-}
-
-struct Shared {
-    queue: Mutex<Option<Arc<JobQueue>>>,
-    /// Jobs run in the span current at [`JsThread::new`].
+    queue: Arc<ThreadQueue>,
+    /// The span the jobs run in.
     span: tracing::Span,
 }
 
-impl JsThread {
-    /// Jobs run in the span current here (a runtime's [`crate::logging::LogScope`]), so what
-    /// they log reaches that runtime's logger.
-    pub fn new(env: &Env) -> Result<Self> {
-        let js = Self::closed();
-        js.open(env)?;
-        Ok(js)
+/// One JS thread's job queue and how many [`KeepAlive`]s hold it open.
+struct ThreadQueue {
+    /// The environment it belongs to (Node runs one per thread; a new one on the same thread
+    /// gets a new queue).
+    env: usize,
+    state: Mutex<Holders>,
+}
+
+#[derive(Default)]
+struct Holders {
+    count: usize,
+    queue: Option<Arc<JobQueue>>,
+}
+
+thread_local! {
+    static THREAD_QUEUE: std::cell::RefCell<Option<Arc<ThreadQueue>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl ThreadQueue {
+    /// The queue of `env`'s thread. On the JS thread.
+    fn of(env: &Env) -> Arc<Self> {
+        let key = env.raw() as usize;
+        THREAD_QUEUE.with(|slot| {
+            let mut slot = slot.borrow_mut();
+            match &*slot {
+                Some(queue) if queue.env == key => queue.clone(),
+                _ => {
+                    let queue = Arc::new(Self {
+                        env: key,
+                        state: Mutex::default(),
+                    });
+                    *slot = Some(queue.clone());
+                    queue
+                }
+            }
+        })
     }
 
-    /// A queue that opens later ([`JsThread::open`], or the hold of the service it is tied
-    /// to): for an object that may never call JS (a transport never connected).
-    pub fn closed() -> Self {
-        Self {
-            shared: Arc::new(Shared {
-                queue: Mutex::new(None),
-                span: tracing::Span::current(),
-            }),
-        }
-    }
-
-    /// Opens the queue again after [`JsThread::close`]; nothing when it is open.
-    pub fn open(&self, env: &Env) -> Result<()> {
-        let mut queue = lock(&self.shared.queue);
-        if queue.is_none() {
-            *queue = Some(Arc::new(job_queue(env, self.shared.span.clone())?));
-        }
-        Ok(())
-    }
-
-    /// Releases the queue: jobs already queued still run, later calls fail as if the
-    /// environment were gone, until [`JsThread::open`].
-    pub fn close(&self) {
-        let queue = lock(&self.shared.queue).take();
-        drop(queue);
-    }
-
-    /// Queues `job` without waiting; `Closing` when the queue is closed.
+    /// Queues `job` without waiting; `Closing` when nothing holds the queue open.
     fn call(&self, job: Job) -> Status {
-        let queue = lock(&self.shared.queue).clone();
+        let queue = lock(&self.state).queue.clone();
         match queue {
             Some(queue) => queue.call(job, ThreadsafeFunctionCallMode::NonBlocking),
             None => Status::Closing,
         }
     }
+}
+
+impl JsThread {
+    /// Jobs run in the span current here (a runtime's [`crate::logging::LogScope`]), so what
+    /// they log reaches that runtime's logger. On the JS thread.
+    pub fn new(env: &Env) -> Self {
+        Self {
+            queue: ThreadQueue::of(env),
+            span: tracing::Span::current(),
+        }
+    }
+
+    /// `job` wrapped to run in this thread's span.
+    fn in_span(&self, job: impl FnOnce(&Env) + Send + 'static) -> Job {
+        let span = self.span.clone();
+        Box::new(move |env: &Env| {
+            let _in_span = span.enter();
+            job(env);
+            // Whatever a job left pending would be rethrown into Node as uncaught (exit 1)
+            // when the queue's callback returns: a job's errors are its caller's, never Node's.
+            if let Some(thrown) = take_exception(env) {
+                tracing::debug!(thrown, "cleared an exception a JS call left pending");
+            }
+        })
+    }
 
     /// Queues `job` without waiting for room; false when the queue is full or closed.
     pub fn fire(&self, job: impl FnOnce(&Env) + Send + 'static) -> bool {
-        self.call(Box::new(job)) == Status::Ok
+        self.queue.call(self.in_span(job)) == Status::Ok
     }
 
     /// Runs `job` on the JS thread and returns its result. Waits while the queue is full.
@@ -130,7 +158,7 @@ impl JsThread {
         job: impl FnOnce(&Env) -> Result<T> + Send + 'static,
     ) -> std::result::Result<T, CoreError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |env: &Env| {
+        let job: Job = self.in_span(move |env: &Env| {
             let _ = tx.send(job(env).map_err(|e| describe(&e)));
         });
         // `call` consumes what it is given even when the queue is full, so it is given a
@@ -138,7 +166,7 @@ impl JsThread {
         let slot = Arc::new(Mutex::new(Some(job)));
         loop {
             let handle = slot.clone();
-            let status = self.call(Box::new(move |env: &Env| {
+            let status = self.queue.call(Box::new(move |env: &Env| {
                 let job = lock(&handle).take();
                 if let Some(job) = job {
                     job(env);
@@ -154,42 +182,55 @@ impl JsThread {
     }
 }
 
-/// The weak threadsafe function behind a [`JsThread`].
-fn job_queue(env: &Env, span: tracing::Span) -> Result<JobQueue> {
+/// The threadsafe function that runs jobs on a JS thread. Referenced: while it exists (while
+/// a [`KeepAlive`] does) it holds the event loop open, like an active timer.
+fn job_queue(env: &Env) -> Result<JobQueue> {
     let noop = env.create_function_from_closure::<(), (), _>("cleoRuntimeJob", |_| Ok(()))?;
     noop.build_threadsafe_function::<Job>()
         .callee_handled::<false>()
-        .weak::<true>()
+        .weak::<false>()
         .max_queue_size::<QUEUE_SIZE>()
         .build_callback(move |ctx: ThreadsafeCallContext<Job>| {
-            let _in_span = span.enter();
             (ctx.value)(&ctx.env);
-            // Whatever a job left pending would be rethrown into Node as uncaught (exit 1)
-            // when this callback returns: a job's errors are its caller's, never Node's.
-            if let Some(thrown) = take_exception(&ctx.env) {
-                tracing::debug!(thrown, "cleared an exception a JS call left pending");
-            }
             Ok(())
         })
 }
 
-/// Holds the Node event loop open while a service runs, like an active timer. Dropping it
-/// lets the process exit.
+/// Holds the Node event loop open while a service runs, like an active timer, and with it its
+/// thread's job queue ([`JsThread`]). Dropping the last one of a thread, on any thread,
+/// releases the queue: the process may exit, and nothing of the runtime stays open.
 pub struct KeepAlive {
-    _tsfn: ThreadsafeFunction<(), (), (), Status, false, false, 1>,
+    queue: Arc<ThreadQueue>,
 }
 
 impl KeepAlive {
     pub fn new(env: &Env) -> Result<Self> {
-        let noop =
-            env.create_function_from_closure::<(), (), _>("cleoRuntimeKeepAlive", |_| Ok(()))?;
-        let tsfn = noop
-            .build_threadsafe_function::<()>()
-            .callee_handled::<false>()
-            .weak::<false>()
-            .max_queue_size::<1>()
-            .build_callback(|_ctx: ThreadsafeCallContext<()>| Ok(()))?;
-        Ok(Self { _tsfn: tsfn })
+        let queue = ThreadQueue::of(env);
+        {
+            let mut holders = lock(&queue.state);
+            if holders.queue.is_none() {
+                holders.queue = Some(Arc::new(job_queue(env)?));
+            }
+            holders.count += 1;
+        }
+        Ok(Self { queue })
+    }
+}
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        let released = {
+            let mut holders = lock(&self.queue.state);
+            holders.count -= 1;
+            if holders.count == 0 {
+                holders.queue.take()
+            } else {
+                None
+            }
+        };
+        // Outside the lock: releasing a threadsafe function is allowed from any thread; jobs
+        // already queued still run.
+        drop(released);
     }
 }
 
@@ -203,6 +244,9 @@ impl<T: FromNapiValue + Send + 'static> Settle<T> {
     /// Reads a return value on the JS thread.
     pub fn read(env: &Env, value: Unknown<'_>) -> Result<Self> {
         if value.is_promise()? {
+            if let Some(pending) = Pending::observe_shared(env, value) {
+                return Ok(Settle::Later(pending));
+            }
             Ok(Settle::Later(Pending::observe(env, value)?))
         } else {
             Ok(Settle::Now(read_value(env, value.raw())?))
@@ -254,6 +298,133 @@ impl<T: FromNapiValue + Send + 'static> Pending<T> {
         let then = get_property(env, &object, "then")?;
         apply(env, &object, then, FnArgs::from((fulfilled, rejected)))?;
         Ok(Self(rx))
+    }
+}
+
+impl<T: FromNapiValue + Send + 'static> Pending<T> {
+    /// As [`Pending::observe`], through reactions made once per JS thread instead of two new
+    /// native functions per promise (each a new function template in V8: the largest JS-side
+    /// cost of an idle poll). None when the shared reactions cannot be used; the caller then
+    /// observes the promise the per-promise way.
+    fn observe_shared(env: &Env, promise: Unknown<'_>) -> Option<Self> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let reaction: Reaction = Box::new(move |env: &Env, fulfilled: bool, value| {
+            let read = if fulfilled {
+                read_value::<T>(env, value).map_err(|e| describe(&e))
+            } else {
+                Err(describe_rejection(env, value))
+            };
+            let _ = tx.send(read);
+        });
+        // The borrow ends before any JS runs: a `then` that calls back at once finds the
+        // reaction in place.
+        let (id, observe) = REACTIONS.with(|slot| {
+            let mut slot = slot.borrow_mut();
+            if slot.as_ref().is_none_or(|r| r.env != env.raw() as usize) {
+                *slot = Reactions::new(env);
+            }
+            let reactions = slot.as_mut()?;
+            let mut observe = std::ptr::null_mut();
+            if unsafe { sys::napi_get_reference_value(env.raw(), reactions.observe, &mut observe) }
+                != sys::Status::napi_ok
+                || observe.is_null()
+            {
+                return None;
+            }
+            reactions.next += 1;
+            let id = reactions.next;
+            reactions.waiting.insert(id, reaction);
+            Some((id, observe))
+        })?;
+        let mut undefined = std::ptr::null_mut();
+        let mut key = std::ptr::null_mut();
+        let mut returned = std::ptr::null_mut();
+        let called = unsafe {
+            sys::napi_get_undefined(env.raw(), &mut undefined) == sys::Status::napi_ok
+                && sys::napi_create_double(env.raw(), id as f64, &mut key) == sys::Status::napi_ok
+                && sys::napi_call_function(
+                    env.raw(),
+                    undefined,
+                    observe,
+                    2,
+                    [promise.raw(), key].as_ptr(),
+                    &mut returned,
+                ) == sys::Status::napi_ok
+        };
+        if called {
+            return Some(Self(rx));
+        }
+        clear_exception(env);
+        REACTIONS.with(|slot| {
+            if let Some(reactions) = slot.borrow_mut().as_mut() {
+                reactions.waiting.remove(&id);
+            }
+        });
+        None
+    }
+}
+
+/// What to do with an observed promise's outcome: fulfilled or not, and the value or reason.
+type Reaction = Box<dyn FnOnce(&Env, bool, sys::napi_value)>;
+
+/// The shared reactions of one JS thread's environment (see [`Pending::observe_shared`]).
+struct Reactions {
+    env: usize,
+    /// `observe(promise, id)`, which attaches reactions calling the native `settle(id, ok,
+    /// value)`. A reference that is never deleted: it lives as long as its environment.
+    observe: sys::napi_ref,
+    next: u64,
+    waiting: std::collections::HashMap<u64, Reaction>,
+}
+
+thread_local! {
+    static REACTIONS: std::cell::RefCell<Option<Reactions>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Makes `observe` from a few lines of JS: the reactions are plain closures, so attaching them
+/// costs what a `then` in JavaScript costs. Neither may throw (a throw would reject the
+/// promise `then` returns, which nobody observes).
+const OBSERVE_SOURCE: &str = "(function (settle) {\n\
+  return function observe(promise, id) {\n\
+    promise.then(function (v) { settle(id, true, v); }, function (e) { settle(id, false, e); });\n\
+  };\n\
+})";
+
+impl Reactions {
+    fn new(env: &Env) -> Option<Self> {
+        let settle = env
+            .create_function_from_closure::<(), (), _>("cleoSettle", |ctx| {
+                let id = ctx.get::<f64>(0).ok();
+                let fulfilled = ctx.get::<bool>(1).unwrap_or(false);
+                let value = ctx.get::<Unknown>(2).ok();
+                let reaction = REACTIONS.with(|slot| {
+                    let mut slot = slot.borrow_mut();
+                    slot.as_mut()?.waiting.remove(&(id? as u64))
+                });
+                if let (Some(reaction), Some(value)) = (reaction, value) {
+                    reaction(ctx.env, fulfilled, value.raw());
+                }
+                Ok(())
+            })
+            .ok()?;
+        let make: Unknown = env.run_script(OBSERVE_SOURCE).ok().or_else(|| {
+            clear_exception(env);
+            None
+        })?;
+        let global = env.get_global().ok()?;
+        let observe = call_raw(env, global.raw(), make, settle).ok()?;
+        let mut reference = std::ptr::null_mut();
+        if unsafe { sys::napi_create_reference(env.raw(), observe.raw(), 1, &mut reference) }
+            != sys::Status::napi_ok
+        {
+            return None;
+        }
+        Some(Self {
+            env: env.raw() as usize,
+            observe: reference,
+            next: 0,
+            waiting: std::collections::HashMap::new(),
+        })
     }
 }
 
@@ -494,6 +665,88 @@ impl FromNapiValue for Lenient {
             to_json(&env, value, MAX_DEPTH, &mut budget)?.unwrap_or(Value::Null),
         ))
     }
+}
+
+/// A JS value read as JSON in one step where it can be: `JSON.stringify` inside V8, then
+/// `serde_json`, instead of one Node-API call per property and string (a page of 50 messages
+/// is over a thousand of those, each a trip through V8's handle machinery and a copy).
+/// Anything `JSON.stringify` cannot say the way [`Lenient`] reads it falls back to
+/// [`Lenient`]: a value that is not an object, a throw (a BigInt, a cycle, a throwing
+/// getter), or text `serde_json` does not take back (nesting past its limit). Both read
+/// absent members, `undefined`, functions and symbols alike, and a Date as its ISO text.
+pub struct Json(pub Value);
+
+impl FromNapiValue for Json {
+    unsafe fn from_napi_value(env: sys::napi_env, value: sys::napi_value) -> Result<Self> {
+        if let Some(read) = stringified(&Env::from_raw(env), value) {
+            return Ok(Json(read));
+        }
+        Ok(Json(unsafe { Lenient::from_napi_value(env, value) }?.0))
+    }
+}
+
+/// `value` through `JSON.stringify` and back, or None (see [`Json`]); nothing left pending.
+fn stringified(env: &Env, value: sys::napi_value) -> Option<Value> {
+    let mut kind = sys::ValueType::napi_undefined;
+    if unsafe { sys::napi_typeof(env.raw(), value, &mut kind) } != sys::Status::napi_ok
+        || kind != sys::ValueType::napi_object
+    {
+        return None;
+    }
+    // An empty page, what an idle poll returns: no text to write and read back.
+    let mut is_array = false;
+    let mut length = 0;
+    if unsafe { sys::napi_is_array(env.raw(), value, &mut is_array) } == sys::Status::napi_ok
+        && is_array
+        && unsafe { sys::napi_get_array_length(env.raw(), value, &mut length) }
+            == sys::Status::napi_ok
+        && length == 0
+    {
+        return Some(Value::Array(Vec::new()));
+    }
+    let mut global = std::ptr::null_mut();
+    let mut json = std::ptr::null_mut();
+    let mut stringify = std::ptr::null_mut();
+    let mut text = std::ptr::null_mut();
+    let called = unsafe {
+        sys::napi_get_global(env.raw(), &mut global) == sys::Status::napi_ok
+            && sys::napi_get_named_property(env.raw(), global, c"JSON".as_ptr(), &mut json)
+                == sys::Status::napi_ok
+            && sys::napi_get_named_property(env.raw(), json, c"stringify".as_ptr(), &mut stringify)
+                == sys::Status::napi_ok
+            && sys::napi_call_function(env.raw(), json, stringify, 1, &value, &mut text)
+                == sys::Status::napi_ok
+    };
+    if !called {
+        clear_exception(env);
+        return None;
+    }
+    if unsafe { sys::napi_typeof(env.raw(), text, &mut kind) } != sys::Status::napi_ok
+        || kind != sys::ValueType::napi_string
+    {
+        return None;
+    }
+    let text = read_value::<String>(env, text).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// `JSON.parse(text)`: many JS objects made in one call into V8 (a batch of messages for a
+/// handler), each with the shape V8 shares between objects with the same keys, instead of one
+/// Node-API call per property. A throw is an `Err`, with nothing left pending.
+pub fn parse_json<'env>(env: &'env Env, text: &str) -> Result<Unknown<'env>> {
+    let global = env.get_global()?;
+    let json: Object = global
+        .get_named_property("JSON")
+        .map_err(|e| cleared(env, e))?;
+    let parse = get_property(env, &json, "parse")?;
+    apply(env, &json, parse, text)
+}
+
+/// `JSON.parse(text)` as an array (a batch of messages), or None when it is not one.
+pub fn parse_json_array<'env>(env: &'env Env, text: &str) -> Option<Array<'env>> {
+    let parsed = parse_json(env, text).ok()?;
+    // Reading its length fails for anything but an array.
+    unsafe { Array::from_napi_value(env.raw(), parsed.raw()) }.ok()
 }
 
 fn to_json(env: &Env, value: Unknown<'_>, depth: u32, budget: &mut usize) -> Result<Option<Value>> {

@@ -116,13 +116,10 @@ impl KeyRotationService {
         if let Some(age) = fields.positive_ms("maxKeyAgeMs")? {
             config.max_key_age = age;
         }
-        // Its own queue for registry calls, open while the service runs (a runtime's key
-        // rotation uses the runtime's).
-        let js = JsThread::closed();
-        let registry = Arc::new(JsRegistry::new(&registry, js.clone())?);
-        let inner = KeyRotationCore::new(registry, None, config);
-        inner.live.tie(js);
-        Ok(Self { inner })
+        let registry = Arc::new(JsRegistry::new(&registry, JsThread::new(&env))?);
+        Ok(Self {
+            inner: KeyRotationCore::new(registry, None, config),
+        })
     }
 
     /// Starts checking: the first check 5 s from now, then every `checkIntervalMs`.

@@ -25,7 +25,7 @@ use std::sync::Mutex;
 use napi::bindgen_prelude::*;
 use napi::{Env, sys};
 
-use super::js::{JsThread, KeepAlive};
+use super::js::KeepAlive;
 use crate::core::sync::lock;
 
 /// What a service does when its environment goes away: stop its tasks. It must not call into
@@ -33,11 +33,10 @@ use crate::core::sync::lock;
 pub type Teardown = Box<dyn FnOnce() + Send>;
 
 /// A service's hold on the Node process and on its JS wrapper(s), taken when it starts and
-/// given back by `stop()`; and the JS call queues it keeps open meanwhile ([`Liveness::tie`]).
+/// given back by `stop()`.
 #[derive(Default)]
 pub struct Liveness {
     held: Mutex<Option<Held>>,
-    queues: Mutex<Vec<JsThread>>,
 }
 
 struct Held {
@@ -49,27 +48,6 @@ struct Held {
 }
 
 impl Liveness {
-    /// Keeps `js` open while the service is held and closes it on [`Liveness::release`]: a
-    /// stopped service leaves no threadsafe function behind (an open one is an async resource
-    /// test runners report as a leaked handle). A closed queue opens again on the next hold.
-    pub fn tie(&self, js: JsThread) {
-        lock(&self.queues).push(js);
-    }
-
-    fn close_queues(&self) {
-        for js in lock(&self.queues).iter() {
-            js.close();
-        }
-    }
-
-    /// Opened before a service starts: its first tasks may call JS at once.
-    fn open_queues(&self, env: &Env) -> Result<()> {
-        for js in lock(&self.queues).iter() {
-            js.open(env)?;
-        }
-        Ok(())
-    }
-
     /// Runs `start` inside the tokio runtime; when it started something, holds the process
     /// and roots `wrapper` until [`Liveness::release`]. `teardown` stops the service if its
     /// environment goes away first.
@@ -82,14 +60,14 @@ impl Liveness {
     ) -> Result<()> {
         // Held across `start`, so a concurrent hold cannot interleave.
         let mut held = lock(&self.held);
-        self.open_queues(env)?;
+        // Taken before `start`: the tasks it spawns may call JS at once, through the queue
+        // this opens (see `KeepAlive`).
+        let keep_alive = KeepAlive::new(env)?;
         if super::runtime_context(start) {
-            *held = Some(Held::new(env, wrapper, Box::new(teardown))?);
+            *held = Some(Held::new(env, keep_alive, wrapper, Box::new(teardown))?);
         } else if let (Some(held), Some(wrapper)) = (held.as_mut(), wrapper) {
             // Already running (started through another wrapper): root this one too.
             held.roots.push(wrapper.create_ref::<false>()?);
-        } else if held.is_none() {
-            self.close_queues();
         }
         Ok(())
     }
@@ -102,14 +80,16 @@ impl Liveness {
         teardown: impl FnOnce() + Send + 'static,
     ) -> Result<()> {
         let mut held = lock(&self.held);
-        self.open_queues(env)?;
         match held.as_mut() {
             Some(held) => {
                 if let Some(wrapper) = wrapper {
                     held.roots.push(wrapper.create_ref::<false>()?);
                 }
             }
-            None => *held = Some(Held::new(env, wrapper, Box::new(teardown))?),
+            None => {
+                let keep_alive = KeepAlive::new(env)?;
+                *held = Some(Held::new(env, keep_alive, wrapper, Box::new(teardown))?);
+            }
         }
         Ok(())
     }
@@ -133,7 +113,6 @@ impl Liveness {
             // Fails only when the environment is going away, which frees it anyway.
             let _ = root.unref(env);
         }
-        self.close_queues();
     }
 
     /// The environment is going away: its napi handles die with it, so they are forgotten
@@ -146,13 +125,18 @@ impl Liveness {
 }
 
 impl Held {
-    fn new(env: &Env, wrapper: Option<&Object<'_>>, teardown: Teardown) -> Result<Self> {
+    fn new(
+        env: &Env,
+        keep_alive: KeepAlive,
+        wrapper: Option<&Object<'_>>,
+        teardown: Teardown,
+    ) -> Result<Self> {
         let roots = match wrapper {
             Some(wrapper) => vec![wrapper.create_ref::<false>()?],
             None => Vec::new(),
         };
         Ok(Self {
-            _keep_alive: KeepAlive::new(env)?,
+            _keep_alive: keep_alive,
             roots,
             entry: add_teardown(env, teardown)?,
         })

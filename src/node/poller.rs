@@ -98,8 +98,8 @@ pub struct PollerSettings {
 }
 
 impl PollerCore {
-    pub fn build(settings: PollerSettings) -> Result<Arc<Self>> {
-        let js = JsThread::closed();
+    pub fn build(env: &Env, settings: PollerSettings) -> Result<Arc<Self>> {
+        let js = JsThread::new(env);
         let PollerSettings {
             config,
             credentials,
@@ -126,13 +126,11 @@ impl PollerCore {
             DirectPath::Js(t) => t.clone(),
             DirectPath::Native(s) => s.clone(),
         };
-        let live = Liveness::default();
-        live.tie(js.clone());
         Ok(Arc::new(Self {
             core: Poller::new(config, source, groups).with_secrets(credentials.clone()),
             direct,
             js,
-            live,
+            live: Liveness::default(),
         }))
     }
 
@@ -270,13 +268,10 @@ impl AgentPoller {
         if let Some(limit) = fields.positive_count("groupPollLimit", 1000)? {
             config.group_poll_limit = limit;
         }
-        // A standalone poller's JS transport calls go through a queue of its own, open while
-        // the poller runs (a runtime's transport uses the runtime's).
-        let transport_js = JsThread::closed();
         let direct = match transport {
             Some(object) => Some(DirectPath::Js(Arc::new(JsTransport::new(
                 &object,
-                transport_js.clone(),
+                JsThread::new(&env),
             )?))),
             None => None,
         };
@@ -287,9 +282,9 @@ impl AgentPoller {
             rest: None,
             direct,
         };
-        let inner = PollerCore::build(settings)?;
-        inner.live.tie(transport_js);
-        Ok(Self { inner })
+        Ok(Self {
+            inner: PollerCore::build(&env, settings)?,
+        })
     }
 
     /// Sets THE handler; a second call replaces the first.

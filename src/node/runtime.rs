@@ -422,7 +422,7 @@ pub fn start_runtime<'env>(
     let log_scope = LogScope::new(logger.map(|l| l as Arc<dyn Sink>));
     let span = log_scope.span().clone();
     let _in_scope = span.enter();
-    let js = JsThread::new(env)?;
+    let js = JsThread::new(env);
     let transport = match fields.object_with("transport", &["connect", "poll"])? {
         Some(object) => Some(Arc::new(JsTransport::new(&object, js.clone())?)),
         None => None,
@@ -683,6 +683,7 @@ async fn build_runtime(
     let started = js
         .run(move |env| {
             let poller = PollerCore::build(
+                env,
                 PollerSettings { config: poller_config, credentials: shared.clone(), api_base_url: api_base_url.clone(), rest: rest.clone(), direct: Some(direct) },
             )?;
             // Started now, so nothing that arrives is lost; without a handler it only waits.
@@ -703,7 +704,7 @@ async fn build_runtime(
                     let created = factory.call(env, ())
                         .map_err(|e| Error::new(Status::GenericFailure, format!("createSseTransport() failed: {}", super::js::describe(&e))))?;
                     let object = super::js::as_object(env, created)?.ok_or_else(|| Error::new(Status::InvalidArg, "createSseTransport() did not return a transport object".to_owned()))?;
-                    let transport = Arc::new(JsTransport::new(&object, JsThread::new(env)?)?);
+                    let transport = Arc::new(JsTransport::new(&object, JsThread::new(env))?);
                     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                     bridges.push(runtime_context(|| bridge_js_sse(rx, poller.clone())));
                     let name = transport.transport_name().to_owned();
@@ -770,14 +771,11 @@ async fn build_runtime(
     parts.sse = started.sse;
     parts.bridges = started.bridges;
     parts.local_slot = started.local_slot;
-    // The runtime's JS calls (registry, transport) go through `js`, open until `stop()`.
-    let live = Arc::new(Liveness::default());
-    live.tie(js);
     Ok(NativeRuntime {
         agent_id,
         log_scope,
         parts: Arc::new(Mutex::new(parts)),
-        live,
+        live: Arc::default(),
         own_transport: Mutex::new(started.own),
         handed: Mutex::new(Handed::default()),
         stopped: Mutex::new(false),

@@ -73,17 +73,12 @@ pub struct SseConnectionCore {
 
 impl SseConnectionCore {
     pub fn new(source: SseSource, target: SseTarget, transport_name: String) -> Arc<Self> {
-        // A JS transport's calls go through its queue, open while the service runs.
-        let live = Liveness::default();
-        if let SseSource::Js { transport, .. } = &source {
-            live.tie(transport.js().clone());
-        }
         Arc::new(Self {
             source,
             target: Arc::new(target),
             running: Mutex::new(false),
             transport_name,
-            live,
+            live: Liveness::default(),
             stats: Arc::default(),
         })
     }
@@ -316,7 +311,7 @@ impl SseConnectionService {
         let transport = fields
             .object_with("transport", &["connect", "disconnect"])?
             .ok_or_else(|| type_error(&env, "SseConnectionService: config.transport must be an object with connect(), disconnect()"))?;
-        let transport = Arc::new(JsTransport::new(&transport, JsThread::closed())?);
+        let transport = Arc::new(JsTransport::new(&transport, JsThread::new(&env))?);
         let mut connect_config =
             json!({ "agentId": agent_id, "apiKey": api_key, "apiBaseUrl": api_base_url });
         if let Some(endpoint) = sse_endpoint {

@@ -134,6 +134,13 @@ struct DirectState {
     ack_delay: Duration,
     /// Every id the source has ever handed out.
     served: HashSet<String>,
+    /// Peek semantics: `since` is ignored, a poll returns the oldest unacked messages.
+    ignores_since: bool,
+    /// Messages handed out again while an earlier copy was not acked yet.
+    repeats: usize,
+    /// Ack requests under way now, and polls that started while one was.
+    acks_under_way: usize,
+    polls_during_ack: usize,
 }
 
 struct Direct {
@@ -191,8 +198,13 @@ impl DirectSource for Direct {
                 limit,
                 since: since.clone(),
             });
+            if s.acks_under_way > 0 {
+                s.polls_during_ack += 1;
+            }
+            let honoured = if s.ignores_since { None } else { since };
             let answer = s.script.pop_front().unwrap_or_else(|| {
-                let newer = |m: &&ConduitMessage| since.as_ref().is_none_or(|t| m.timestamp > *t);
+                let newer =
+                    |m: &&ConduitMessage| honoured.as_ref().is_none_or(|t| m.timestamp > *t);
                 Ok(page(
                     s.pending
                         .iter()
@@ -204,6 +216,8 @@ impl DirectSource for Direct {
             });
             if let Ok(page) = &answer {
                 let ids: Vec<String> = page.messages.iter().map(|m| m.id.clone()).collect();
+                let repeats = ids.iter().filter(|id| s.served.contains(*id)).count();
+                s.repeats += repeats;
                 s.served.extend(ids);
             }
             answer
@@ -214,12 +228,14 @@ impl DirectSource for Direct {
         Box::pin(async move {
             let delay = self.with(|s| {
                 s.ack_calls.push((since_millis(self.t0), ids.clone()));
+                s.acks_under_way += 1;
                 s.ack_delay
             });
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
             let mut s = lock(&self.state);
+            s.acks_under_way -= 1;
             if let Some(err) = s.ack_errors.pop_front() {
                 return Err(err);
             }
@@ -803,6 +819,76 @@ async fn a_full_page_already_seen_moves_the_high_water_mark_and_failed_acks_are_
     assert_eq!(r.direct.polls().last(), Some(&want(1000, None)));
     r.at(3000).await;
     assert_eq!(r.handler.count(), 60, "each once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_source_that_ignores_since_is_not_polled_again_before_the_page_in_hand_is_acked() {
+    // Peek semantics, as the real peek and the cleo CLI's local transport answer: a page
+    // polled before the previous one is acked is that page again. A short interval, a slow
+    // handler and a slow ack give every chance for a poll to land in between.
+    let mut r = Rig::with_config(&[], |c| c.poll_interval = ms(20));
+    r.direct.with(|s| {
+        s.ignores_since = true;
+        s.ack_delay = ms(15);
+    });
+    r.direct.push(dms(1..=200));
+    r.handle_with(Recorder::new().slow(ms(1)));
+    r.poller.start();
+    while r.direct.acked().len() < 200 && r.t0.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(ms(5)).await;
+    }
+    assert_eq!(r.handler.ids(), names("d", 1..=200), "each once, in order");
+    assert_eq!(r.direct.acked(), names("d", 1..=200));
+    let (repeats, during_ack, with_since) = r.direct.with(|s| {
+        (
+            s.repeats,
+            s.polls_during_ack,
+            s.polls.iter().filter(|p| p.since.is_some()).count(),
+        )
+    });
+    assert_eq!(
+        with_since, 1,
+        "one read-ahead shows that `since` is ignored; none after it"
+    );
+    assert_eq!(
+        repeats, 50,
+        "only that read-ahead brought back a page being handled"
+    );
+    assert_eq!(during_ack, 0, "no poll while an ack is under way");
+    // The schedule goes on once the inbox is empty.
+    let polls = r.direct.polls().len();
+    r.at(r.t0.elapsed().as_millis() as u64 + 100).await;
+    assert!(r.direct.polls().len() >= polls + 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_scheduled_poll_due_while_a_page_is_unacked_is_made_once_its_ack_is_in() {
+    // `since` honoured, but a page that is not full leaves nothing to look past: a poll
+    // due while it is handled would bring it back. It is made when the ack is in instead.
+    let mut r = Rig::with_config(&[], |c| c.poll_interval = ms(100));
+    r.direct.with(|s| s.ack_delay = ms(20));
+    r.direct.push(dms(1..=30));
+    r.handle_with(Recorder::new().slow(ms(10)));
+    r.poller.start();
+    r.at(150).await;
+    r.direct.push(dms(31..=32));
+    r.at(1000).await;
+    assert_eq!(r.handler.ids(), names("d", 1..=32));
+    let ack_times: Vec<u64> = r
+        .direct
+        .with(|s| s.ack_calls.iter().map(|(at, _)| *at).collect());
+    assert_eq!(ack_times[0], 300, "30 messages at 10 ms each");
+    let polls = r.direct.poll_times();
+    assert_eq!(
+        &polls[..2],
+        [0, 320],
+        "the polls due at 100, 200 and 300 wait for the ack (300 + 20 ms)"
+    );
+    assert_eq!(r.direct.with(|s| s.repeats), 0);
+    assert!(
+        polls.windows(2).all(|w| w[1] > w[0]),
+        "one poll at a time: {polls:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -72,16 +72,12 @@ impl LocalTransport {
     )]
     pub fn new(env: Env, options: Option<Unknown>) -> Result<Self> {
         let fields = Fields::new(&env, "LocalTransport", options, true)?;
-        // Subscribers are called through a queue open while a subscription is live.
-        let js = JsThread::closed();
-        let live = Arc::new(Liveness::default());
-        live.tie(js.clone());
         Ok(Self {
             db_path: fields.string("dbPath")?.map(Into::into),
             connected: Arc::default(),
-            js,
+            js: JsThread::new(&env),
             subscriptions: Arc::default(),
-            live,
+            live: Arc::default(),
         })
     }
 

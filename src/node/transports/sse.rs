@@ -146,17 +146,12 @@ impl SseTransport {
 #[napi]
 impl SseTransport {
     #[napi(constructor)]
-    pub fn new() -> Self {
-        // Subscribers are called through a queue open while the stream is (connect to
-        // disconnect).
-        let js = JsThread::closed();
-        let live = Arc::new(Liveness::default());
-        live.tie(js.clone());
+    pub fn new(env: Env) -> Self {
         Self {
             connected: Arc::default(),
             shared_credentials: None,
-            js,
-            live,
+            js: JsThread::new(&env),
+            live: Arc::default(),
         }
     }
 
