@@ -31,6 +31,7 @@ pub mod message;
 pub mod net;
 pub mod poller;
 pub mod rows;
+pub mod runtime;
 pub mod signaldock;
 pub mod sse;
 pub mod sync;

@@ -450,7 +450,7 @@ pub enum SseTarget {
     /// The handler set with `onMessage`.
     Handler(Mutex<Option<HandlerRef>>),
     /// The runtime's poller (dedup against polling, one handler).
-    Poller(tokio::sync::mpsc::UnboundedSender<ConduitMessage>),
+    Poller(crate::core::runtime::StreamInbox),
 }
 
 pub struct SseConnectionCore {
@@ -658,8 +658,8 @@ fn forward_message(
     message: ConduitMessage,
 ) {
     match target {
-        SseTarget::Poller(queue) => {
-            let _ = queue.send(message);
+        SseTarget::Poller(inbox) => {
+            inbox.offer(message);
         }
         SseTarget::Handler(slot) => {
             let Some(handler) = lock(slot).clone() else {

@@ -145,10 +145,12 @@ pub struct HttpTransport {
 }
 
 impl HttpTransport {
-    pub fn with_credentials(credentials: Arc<Credentials>) -> Self {
+    /// The runtime's transport over its one REST client; the runtime empties the slot at
+    /// `stop()`.
+    pub fn from_slot(client: ClientSlot) -> Self {
         Self {
-            client: ClientSlot::default(),
-            shared_credentials: Some(credentials),
+            client,
+            shared_credentials: None,
         }
     }
 
@@ -163,24 +165,6 @@ impl HttpTransport {
                 "HttpTransport is not connected: call connect() first".to_owned(),
             )
         })
-    }
-
-    /// Connects natively (the runtime's path, no JS round trip).
-    pub async fn connect_native(
-        &self,
-        agent_id: &str,
-        api_key: &str,
-        base: &str,
-        fallback: Option<&str>,
-    ) -> crate::core::error::Result<Arc<SignalDock>> {
-        let credentials = match &self.shared_credentials {
-            Some(shared) => shared.clone(),
-            None => Credentials::new(agent_id, ApiKey::new(api_key)),
-        };
-        let client = Arc::new(SignalDock::new(credentials, base, fallback)?);
-        client.choose_base().await;
-        *lock(&self.client) = Some(client.clone());
-        Ok(client)
     }
 
     /// The direct-message source for a poller over this transport.
@@ -303,21 +287,18 @@ pub struct LocalTransport {
 }
 
 impl LocalTransport {
-    /// A transport already connected (the runtime's resolution).
-    pub fn from_core(env: &Env, core: local::LocalTransport) -> Result<Self> {
+    /// A transport already connected (the runtime's resolution), in the runtime's slot,
+    /// which the runtime empties at `stop()`.
+    pub fn from_slot(env: &Env, slot: Arc<Mutex<Option<local::LocalTransport>>>) -> Result<Self> {
+        let db_path = lock(&slot).as_ref().map(|core| core.path().to_path_buf());
         Ok(Self {
-            db_path: Some(core.path().to_path_buf()),
-            connected: Arc::new(Mutex::new(Some(core))),
+            db_path,
+            connected: slot,
             js: JsThread::new(env)?,
             subscriptions: Arc::default(),
             next_subscription: Mutex::new(0),
             live: Arc::default(),
         })
-    }
-
-    /// The connection slot, for the runtime that owns this transport to close at `stop()`.
-    pub fn slot(&self) -> Arc<Mutex<Option<local::LocalTransport>>> {
-        self.connected.clone()
     }
 
     fn core(&self) -> Result<local::LocalTransport> {
