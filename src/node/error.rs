@@ -1,15 +1,21 @@
 //! The one conversion of a core error into a JS `Error`: the message is the whole chain, the
-//! outermost context first (`"HeartbeatService.beatNow: request timed out"`), as
-//! [`crate::core::error::Error`]'s `Display` writes it. Core errors never hold a key (they
-//! are scrubbed when built), so nothing is redacted here.
+//! outermost context first (`"push failed: HTTP 503: busy"`), as
+//! [`crate::core::error::Error`]'s `Display` writes it. An error that may quote a server's
+//! answer (which may echo the key back) goes through [`scrubbed`].
 
 use napi::{Error, Status};
 
+use crate::core::credentials::Credentials;
 use crate::core::error::Error as CoreError;
 
 /// `err` as the JS `Error` a rejected promise or a throw carries.
 pub fn to_js(err: &CoreError) -> Error {
     Error::new(Status::GenericFailure, chain(err))
+}
+
+/// [`to_js`], with `credentials`' keys redacted from the text.
+pub fn scrubbed(err: &CoreError, credentials: &Credentials) -> Error {
+    Error::new(Status::GenericFailure, credentials.scrub(&chain(err)))
 }
 
 /// Every cause of `err`, outermost first, joined the way the core joins them.

@@ -96,14 +96,13 @@ pub fn read_connect_config(
 pub type ClientSlot = Arc<Mutex<Option<Arc<SignalDock>>>>;
 
 fn to_js(err: crate::core::error::Error) -> Error {
-    Error::new(Status::GenericFailure, err.to_string())
+    super::error::to_js(&err)
 }
 
 /// A failed REST call as a JS error: `"{what} failed: {err}"`, scrubbed of the agent's keys,
 /// since the error may quote the server's answer and a server may echo the key back.
 fn rest_error(client: &SignalDock, what: &str, err: crate::core::error::Error) -> Error {
-    let text = client.credentials().scrub(&format!("{what} failed: {err}"));
-    Error::new(Status::GenericFailure, text)
+    super::error::scrubbed(&err.context(format!("{what} failed")), client.credentials())
 }
 
 /// `push(to, content, options)` over REST: a direct message, or into a conversation.
