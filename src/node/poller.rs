@@ -77,6 +77,15 @@ pub enum DirectPath {
     Native(Arc<dyn DirectSource>),
 }
 
+impl DirectPath {
+    fn source(&self) -> Arc<dyn DirectSource> {
+        match self {
+            DirectPath::Js(transport) => transport.clone(),
+            DirectPath::Native(source) => source.clone(),
+        }
+    }
+}
+
 /// The poller and what its stop needs: where to send the final ack.
 pub struct PollerPart {
     pub poller: Arc<Poller>,
@@ -172,30 +181,25 @@ impl AgentPoller {
         // A standalone poller has its own credential and client; in a runtime, the
         // runtime's one of each.
         let credentials = Credentials::new(agent_id, ApiKey::new(api_key));
-        let rest = || {
-            SignalDock::new(credentials.clone(), &api_base_url, None)
-                .map(Arc::new)
-                .map_err(|e| super::error::to_js(&e))
-        };
         let client = match needs_rest {
-            true => Some(rest()?),
+            true => Some(Arc::new(
+                SignalDock::new(credentials.clone(), &api_base_url, None)
+                    .map_err(|e| super::error::to_js(&e))?,
+            )),
             false => None,
         };
         let js = JsThread::new(&env)?;
         let direct = match (transport, &client) {
             (Some(object), _) => DirectPath::Js(Arc::new(JsTransport::new(&object, js.clone())?)),
             (None, Some(client)) => DirectPath::Native(Arc::new(PeekSource::new(client.clone()))),
-            (None, None) => unreachable!("no transport means REST"),
-        };
-        let source: Arc<dyn DirectSource> = match &direct {
-            DirectPath::Js(transport) => transport.clone(),
-            DirectPath::Native(source) => source.clone(),
+            // Without a transport `needs_rest` holds: a client was made above.
+            (None, None) => return Err(Error::from_reason("AgentPoller: no transport, no REST")),
         };
         let groups: Option<Arc<dyn GroupFeed>> = match client {
             Some(client) if !config.group_conversation_ids.is_empty() => Some(client),
             _ => None,
         };
-        let poller = Poller::new(config, source, groups).with_secrets(credentials);
+        let poller = Poller::new(config, direct.source(), groups).with_secrets(credentials);
         Ok(Self {
             inner: Service::new(Arc::new(PollerPart::new(Arc::new(poller), direct, js))),
         })

@@ -268,7 +268,10 @@ impl NativeRuntime {
         };
         let own = match runtime.take_own_transport() {
             None => None,
-            Some(OwnTransport::Http(slot)) => Some(Either3::A(HttpTransport::from_slot(slot))),
+            Some(OwnTransport::Http(slot)) => Some(Either3::A(HttpTransport::from_slot(
+                slot,
+                runtime.credentials().clone(),
+            ))),
             Some(OwnTransport::Sse { stream, rest }) => {
                 Some(Either3::B(SseTransport::from_parts(env, stream, rest)?))
             }

@@ -145,11 +145,11 @@ pub struct HttpTransport {
 
 impl HttpTransport {
     /// The runtime's transport over its one REST client; the runtime empties the slot at
-    /// `stop()`.
-    pub fn from_slot(client: ClientSlot) -> Self {
+    /// `stop()`. A `connect()` from JS then reuses the runtime's credentials.
+    pub fn from_slot(client: ClientSlot, credentials: Arc<Credentials>) -> Self {
         Self {
             client,
-            shared_credentials: None,
+            shared_credentials: Some(credentials),
         }
     }
 
