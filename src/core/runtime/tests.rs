@@ -418,12 +418,13 @@ async fn the_stream_queue_is_bounded_and_leaves_the_overflow_to_polling() {
 }
 
 #[tokio::test]
-async fn a_local_runtime_hands_out_its_transport_and_takes_it_back_at_stop() {
+async fn a_local_runtime_polls_on_commits_and_takes_its_handed_out_transport_back_at_stop() {
     let dir = std::env::temp_dir().join(format!("cleo-runtime-{}", uuid::Uuid::new_v4()));
     let path = dir.join("signaldock.db");
     local::ensure_schema(&path).unwrap();
+    // Polling alone would not look again for a minute.
     let plan = Plan::resolve(
-        &credential("bob", "local", json!({})),
+        &credential("bob", "local", json!({ "pollIntervalMs": 60_000 })),
         &Settings {
             max_key_age: Some(Duration::ZERO),
             ..Settings::default()
@@ -448,6 +449,25 @@ async fn a_local_runtime_hands_out_its_transport_and_takes_it_back_at_stop() {
     };
     assert!(runtime.take_own_transport().is_none(), "handed out once");
     assert!(lock(&slot).is_some());
+
+    // Another writer commits a message for bob: the commit, not the interval, polls.
+    let handler = Arc::new(Recorder::default());
+    runtime.poller().set_handler(handler.clone());
+    // The poll the handler asks for is over before the commit.
+    runtime.poller().poll_now_and_wait().await.unwrap();
+    let alice = LocalTransport::connect(path.clone(), "alice".into())
+        .await
+        .unwrap();
+    let id = alice.push("bob", "hi bob", None, None).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while lock(&handler.0).is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("delivered on the commit, long before the next poll");
+    assert_eq!(*lock(&handler.0), [id]);
+    alice.disconnect().await;
     let stopping = runtime.stop(None);
     assert!(
         lock(&slot).is_none(),
@@ -458,4 +478,90 @@ async fn a_local_runtime_hands_out_its_transport_and_takes_it_back_at_stop() {
         .expect("the stop completes");
     assert!(!runtime.poller().is_running());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A stream endpoint on 127.0.0.1: each connection gets a 200, one message, then stays open
+/// until `close` is notified.
+async fn stream_server(close: Arc<tokio::sync::Notify>) -> Url {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = Url::parse(&format!("http://{}/stream", listener.local_addr().unwrap())).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let close = close.clone();
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                let payload = json!({"id": "s1", "from": "alice", "content": "pushed",
+                    "timestamp": "2026-01-02T00:00:00.000Z"});
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\ndata: {payload}\n\n"
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+                close.notified().await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn the_native_stream_sets_the_pollers_pace_and_delivers_into_it() {
+    let close = Arc::new(tokio::sync::Notify::new());
+    let url = stream_server(close.clone()).await;
+    let credential = credential(
+        "bob",
+        "local",
+        json!({ "pollIntervalMs": 60_000, "sseEndpoint": url.as_str() }),
+    );
+    let settings = Settings {
+        caller_transport: true,
+        max_key_age: Some(Duration::ZERO),
+        ..Settings::default()
+    };
+    let plan = Plan::resolve(&credential, &settings, None).unwrap();
+    assert_eq!(plan.realtime, Realtime::Native(url));
+    let transport = Arc::new(FakeTransport::default());
+    let runtime = Runtime::start(
+        plan,
+        Deps {
+            registry: Arc::new(FakeRegistry::default()),
+            transport: Some(transport.clone()),
+            stream_factory: None,
+        },
+    )
+    .await
+    .unwrap();
+    let handler = Arc::new(Recorder::default());
+    runtime.poller().set_handler(handler.clone());
+    let eventually = |what: &'static str, done: Box<dyn Fn() -> bool + Send>| async move {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while !done() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what}"));
+    };
+    let poller = runtime.poller().clone();
+    eventually(
+        "the stream is up",
+        Box::new(move || poller.status().realtime),
+    )
+    .await;
+    let seen = handler.clone();
+    eventually(
+        "the pushed message reaches the poller's handler",
+        Box::new(move || lock(&seen.0).contains(&"s1".to_owned())),
+    )
+    .await;
+    close.notify_waiters();
+    let poller = runtime.poller().clone();
+    eventually(
+        "the drop is seen",
+        Box::new(move || !poller.status().realtime),
+    )
+    .await;
+    runtime.stop(None).done.wait().await;
+    assert_eq!(*lock(&handler.0), ["s1"], "once");
 }
