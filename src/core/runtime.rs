@@ -321,11 +321,12 @@ impl Plan {
         if let Some(limit) = settings.group_poll_limit {
             poller.group_poll_limit = limit;
         }
+        // The base URL is quoted, so the text is scrubbed: a registry may hold the key there.
         if !poller.group_conversation_ids.is_empty() && !rest {
-            return Err(failed(format_args!(
-                "group conversations need an http(s) apiBaseUrl, the credential has {:?}",
+            return Err(StartError::Failed(credentials.scrub(&format!(
+                "createRuntime: group conversations need an http(s) apiBaseUrl, the credential has {:?}",
                 credential.api_base_url
-            )));
+            ))));
         }
         let heartbeat = match settings.heartbeat_interval {
             Some(Duration::ZERO) => None,
@@ -335,10 +336,10 @@ impl Plan {
         let beats_over_rest =
             heartbeat.is_some() && !matches!(transport, TransportChoice::Local(_));
         if beats_over_rest && rest && !credentials::usable_in_path(&credential.agent_id) {
-            return Err(failed(format_args!(
-                "heartbeat: the agent id {:?} cannot be used as an id in a URL path",
+            return Err(StartError::Failed(credentials.scrub(&format!(
+                "createRuntime: heartbeat: the agent id {:?} cannot be used as an id in a URL path",
                 credential.agent_id
-            )));
+            ))));
         }
         let key_rotation = match settings.max_key_age {
             Some(Duration::ZERO) => None,

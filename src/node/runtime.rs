@@ -22,7 +22,7 @@ use super::js::{JsThread, KeepAlive, describe, type_error};
 use super::key_rotation::KeyRotationService;
 use super::lifetime::Liveness;
 use super::poller::{AgentPoller, DirectPath, PollerPart};
-use super::service::Service;
+use super::service::{Lifecycle, Service};
 use super::sse::{SseConnectionCore, SseConnectionService, SseSource, SseTarget, SseTransport};
 use super::transports::{HttpTransport, LocalTransport};
 use crate::core::error::Error as CoreError;
@@ -90,68 +90,39 @@ impl NativeRuntime {
     /// The poller, once; rooted like the runtime while it runs.
     #[napi(ts_return_type = "AgentPoller | null")]
     pub fn take_poller<'env>(&self, env: &'env Env) -> Result<Option<Object<'env>>> {
-        if self.first_time(|h| &mut h.poller) {
-            let inner = self.poller.clone();
-            let object = AgentPoller {
-                inner: inner.clone(),
-            }
-            .into_instance(env)?
-            .as_object(env);
-            inner.root(&object)?;
-            return Ok(Some(object));
-        }
-        Ok(None)
+        let inner = Some(self.poller.clone());
+        let class = inner.clone().map(|inner| AgentPoller { inner });
+        self.hand_out(env, |h| &mut h.poller, class, |o| root(&inner, o))
     }
 
     #[napi(ts_return_type = "HeartbeatService | null")]
     pub fn take_heartbeat<'env>(&self, env: &'env Env) -> Result<Option<Object<'env>>> {
-        let Some(inner) = self
-            .heartbeat
-            .clone()
-            .filter(|_| self.first_time(|h| &mut h.heartbeat))
-        else {
-            return Ok(None);
-        };
-        let object = HeartbeatService {
-            inner: inner.clone(),
-        }
-        .into_instance(env)?
-        .as_object(env);
-        inner.root(&object)?;
-        Ok(Some(object))
+        let inner = self.heartbeat.clone();
+        let class = inner.clone().map(|inner| HeartbeatService { inner });
+        self.hand_out(env, |h| &mut h.heartbeat, class, |o| root(&inner, o))
     }
 
     #[napi(ts_return_type = "KeyRotationService | null")]
     pub fn take_key_rotation<'env>(&self, env: &'env Env) -> Result<Option<Object<'env>>> {
-        let Some(inner) = self
-            .key_rotation
-            .clone()
-            .filter(|_| self.first_time(|h| &mut h.key_rotation))
-        else {
-            return Ok(None);
-        };
-        let object = KeyRotationService {
-            inner: inner.clone(),
-        }
-        .into_instance(env)?
-        .as_object(env);
-        inner.root(&object)?;
-        Ok(Some(object))
+        let inner = self.key_rotation.clone();
+        let class = inner.clone().map(|inner| KeyRotationService { inner });
+        self.hand_out(env, |h| &mut h.key_rotation, class, |o| root(&inner, o))
     }
 
     /// The SSE connection service, or null when no SSE endpoint is known.
     #[napi(ts_return_type = "SseConnectionService | null")]
     pub fn take_sse_connection<'env>(&self, env: &'env Env) -> Result<Option<Object<'env>>> {
-        let Some(inner) = self.sse.clone().filter(|_| self.first_time(|h| &mut h.sse)) else {
-            return Ok(None);
-        };
-        let object = SseConnectionService {
-            inner: inner.clone(),
-        }
-        .into_instance(env)?
-        .as_object(env);
-        inner.root(&object)?;
-        Ok(Some(object))
+        let inner = self.sse.clone();
+        let class = inner.clone().map(|inner| SseConnectionService { inner });
+        self.hand_out(
+            env,
+            |h| &mut h.sse,
+            class,
+            |o| match &inner {
+                Some(service) => service.root(o),
+                None => Ok(()),
+            },
+        )
     }
 
     /// The transport the runtime resolved itself (null when the caller gave one); rooted
@@ -294,9 +265,24 @@ impl NativeRuntime {
         })
     }
 
-    /// True the first time `flag` is asked for.
-    fn first_time(&self, flag: impl FnOnce(&mut Handed) -> &mut bool) -> bool {
-        !std::mem::replace(flag(&mut lock(&self.handed)), true)
+    /// `class` as a JS object, the first time `flag` is asked for; `root` keeps it alive
+    /// while its service runs.
+    fn hand_out<'env, C: JavaScriptClassExt + 'static>(
+        &self,
+        env: &'env Env,
+        flag: fn(&mut Handed) -> &mut bool,
+        class: Option<C>,
+        root: impl FnOnce(&Object<'env>) -> Result<()>,
+    ) -> Result<Option<Object<'env>>> {
+        if std::mem::replace(flag(&mut lock(&self.handed)), true) {
+            return Ok(None);
+        }
+        let Some(class) = class else {
+            return Ok(None);
+        };
+        let object = class.into_instance(env)?.as_object(env);
+        root(&object)?;
+        Ok(Some(object))
     }
 
     /// Roots the runtime's JS object and holds the process from now until `stop()`; if the
@@ -312,6 +298,14 @@ impl NativeRuntime {
                 live.abandon();
             }
         })
+    }
+}
+
+/// Roots a handed-out wrapper of `service` while it runs.
+fn root<T: Lifecycle>(service: &Option<Arc<Service<T>>>, wrapper: &Object<'_>) -> Result<()> {
+    match service {
+        Some(service) => service.root(wrapper),
+        None => Ok(()),
     }
 }
 

@@ -123,7 +123,8 @@ fn the_plan_refuses_what_cannot_work_before_anything_connects() {
     };
     #[rustfmt::skip]
     let table: Vec<(&str, Credential, Settings, Option<&str>)> = vec![
-        ("groups need REST", credential("bob", "local", json!({})), groups, Some("createRuntime: group conversations need an http(s) apiBaseUrl, the credential has \"local\"")),
+        ("groups need REST", credential("bob", "local", json!({})), groups.clone(), Some("createRuntime: group conversations need an http(s) apiBaseUrl, the credential has \"local\"")),
+        ("a key in the base URL is not quoted back", credential("bob", "ftp://sk_live_secret_key", json!({})), groups, Some("createRuntime: group conversations need an http(s) apiBaseUrl, the credential has \"ftp://[redacted]\"")),
         ("an endpoint must be an absolute URL", credential("bob", "https://api.example", json!({ "sseEndpoint": "/stream" })), Settings::default(), Some("createRuntime: sseEndpoint: ")),
         ("a REST heartbeat puts the id in the path", credential("..", "https://api.example", json!({})), Settings::default(), Some("createRuntime: heartbeat: the agent id \"..\" cannot be used")),
         ("no heartbeat, no path", credential("..", "https://api.example", json!({})), no_beat, None),
