@@ -73,6 +73,13 @@ fn failed(why: impl std::fmt::Display) -> StartError {
     StartError::Failed(format!("createRuntime: {why}"))
 }
 
+/// `createRuntime: {what}: {err}`, the chain kept and `credentials`' keys redacted (the
+/// error may quote a server's answer or the credential).
+fn failed_in(credentials: &Credentials, what: &str, err: Error) -> StartError {
+    let err = err.context(format!("createRuntime: {what}"));
+    StartError::Failed(credentials.scrub(&err.to_string()))
+}
+
 /// Where the runtime's credential comes from (`registry.get(agentId)` / `getActive()`).
 pub trait CredentialSource: Send + Sync {
     /// The credential object, or None when the registry has none.
@@ -273,9 +280,6 @@ impl Plan {
             &credential.agent_id,
             ApiKey::new(credential.api_key.as_str()),
         );
-        let fail = |what: &str, e: Error| {
-            StartError::Failed(credentials.scrub(&format!("createRuntime: {what}: {e}")))
-        };
         let rest = credential.has_rest();
         let sse_endpoint = settings
             .sse_endpoint
@@ -285,7 +289,7 @@ impl Plan {
         let sse_url = match &sse_endpoint {
             Some(endpoint) => Some(
                 SseConfig::endpoint_url(Some(endpoint), &credential.api_base_url)
-                    .map_err(|e| fail("sseEndpoint", e))?,
+                    .map_err(|e| failed_in(&credentials, "sseEndpoint", e))?,
             ),
             None => None,
         };
@@ -378,10 +382,7 @@ impl Plan {
     }
 
     fn fail(&self, what: &str, e: Error) -> StartError {
-        StartError::Failed(
-            self.credentials
-                .scrub(&format!("createRuntime: {what}: {e}")),
-        )
+        failed_in(&self.credentials, what, e)
     }
 }
 
