@@ -6,9 +6,10 @@
 //!
 //! - [`core`]: pure Rust, no Node-API. The services (poller, heartbeat, key rotation, SSE),
 //!   the transports (HTTP, SSE, local SQLite), and the pure pieces they share (message
-//!   mapping, mention matching, dedup window, backoff, credentials). Every loop takes its
-//!   dependencies as traits and a cancellation token, so `cargo test` drives it with fakes
-//!   and tokio's paused clock.
+//!   mapping, mention matching, dedup window, backoff, credentials), and the composition root
+//!   that wires them into a runtime (`core::runtime`). Every loop takes its dependencies as
+//!   traits and a cancellation token, so `cargo test` drives it with fakes and tokio's
+//!   paused clock.
 //! - `node` (feature `node`): the `#[napi]` boundary. One file per exported class; each
 //!   converts JS config into core config (with `TypeError`s naming the field), adapts JS
 //!   objects (handlers, transports, registries) to core traits through threadsafe

@@ -33,6 +33,12 @@ pub fn usable_agent_id(id: &str) -> bool {
     !id.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
 }
 
+/// True when `id` can be one segment of a URL path (`/agents/{id}/heartbeat`): `.` and `..`
+/// would be resolved away as dot segments, and the request would reach another route.
+pub fn usable_in_path(id: &str) -> bool {
+    !matches!(id, "." | "..")
+}
+
 /// The texts a key can be quoted back in: the key, and the base64 (standard and URL-safe,
 /// with and without padding) of the key and of `Bearer <key>`.
 fn quoted_forms(key: &str) -> Vec<String> {

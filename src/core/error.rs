@@ -29,13 +29,32 @@ pub enum Error {
     Storage(String),
     /// A configuration value is unusable.
     Config(String),
+    /// What was being done when `cause` happened: `"{context}: {cause}"`, with `cause` as
+    /// the error's `source()`, so the chain survives up to the JS `Error`.
+    Context { context: String, cause: Box<Error> },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub fn status(&self) -> Option<u16> {
+    /// This error as the cause of a failed `context` (`"transport.connect() failed"`).
+    pub fn context(self, context: impl Into<String>) -> Self {
+        Error::Context {
+            context: context.into(),
+            cause: Box::new(self),
+        }
+    }
+
+    /// The innermost cause.
+    pub fn root(&self) -> &Error {
         match self {
+            Error::Context { cause, .. } => cause.root(),
+            other => other,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self.root() {
             Error::Status { status, .. } => Some(*status),
             _ => None,
         }
@@ -43,7 +62,7 @@ impl Error {
 
     /// How long the server asked us to wait, for a 429 or 503 with `Retry-After`.
     pub fn retry_after(&self) -> Option<Duration> {
-        match self {
+        match self.root() {
             Error::Status { retry_after, .. } => *retry_after,
             _ => None,
         }
@@ -51,7 +70,7 @@ impl Error {
 
     /// Errors worth trying on the fallback base URL: the server was not reached at all.
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, Error::Network(_) | Error::Timeout)
+        matches!(self.root(), Error::Network(_) | Error::Timeout)
     }
 }
 
@@ -74,8 +93,45 @@ impl fmt::Display for Error {
             Error::Js(why) => write!(f, "JavaScript callback failed: {why}"),
             Error::Storage(why) => f.write_str(why),
             Error::Config(why) => write!(f, "invalid configuration: {why}"),
+            Error::Context { context, cause } => write!(f, "{context}: {cause}"),
         }
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Context { cause, .. } => Some(cause.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_context_keeps_its_cause_as_text_and_as_source() {
+        let err = Error::Timeout
+            .context("ack")
+            .context("createRuntime: transport.connect() failed");
+        assert_eq!(
+            err.to_string(),
+            "createRuntime: transport.connect() failed: ack: request timed out"
+        );
+        let inner = std::error::Error::source(&err).expect("a cause");
+        assert_eq!(inner.to_string(), "ack: request timed out");
+        assert!(err.is_unreachable(), "looks through the context");
+        let status = Error::Status {
+            status: 429,
+            retry_after: Some(Duration::from_secs(2)),
+            message: String::new(),
+        }
+        .context("peek");
+        assert_eq!(
+            (status.status(), status.retry_after()),
+            (Some(429), Some(Duration::from_secs(2)))
+        );
+    }
+}

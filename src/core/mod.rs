@@ -13,7 +13,11 @@
 //! - [`rows`]: salvaging the rows of a message list whose answer is not valid JSON as a whole.
 //! - [`transport`]: the traits a service needs from a message source or sink, so a JS
 //!   object, a native transport and a test fake are interchangeable.
-//! - One module per service: [`poller`], [`heartbeat`], [`key_rotation`], [`sse`].
+//! - One module per service: [`poller`] (with its final acks), [`heartbeat`],
+//!   [`key_rotation`], [`sse`].
+//! - [`runtime`]: the composition root: which transport and services a credential and a
+//!   config make (a pure plan), started around one credential store and one REST client,
+//!   with the bridges between them, and stopped in order.
 //! - [`sync`]: locking that survives a panic elsewhere.
 //! - [`task`]: a running loop's cancellation token and join handle.
 
@@ -31,6 +35,7 @@ pub mod message;
 pub mod net;
 pub mod poller;
 pub mod rows;
+pub mod runtime;
 pub mod signaldock;
 pub mod sse;
 pub mod sync;

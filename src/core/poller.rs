@@ -690,65 +690,11 @@ impl Default for GroupTrack {
     }
 }
 
-/// How long a starting poller waits for the final acks of pollers stopped before it.
-const FINAL_ACK_WAIT: Duration = Duration::from_secs(6);
-
-type FinalAcks = Mutex<HashMap<String, Vec<watch::Receiver<()>>>>;
-
-/// Final acks still on their way from stopped pollers, per agent id.
-fn final_acks() -> &'static FinalAcks {
-    static FINAL_ACKS: std::sync::OnceLock<FinalAcks> = std::sync::OnceLock::new();
-    FINAL_ACKS.get_or_init(FinalAcks::default)
-}
-
-/// Held while the final ack of a stopped poller (the ids [`Poller::stop`] returned) is on
-/// its way; dropped when it is done or given up.
-pub struct FinalAckGuard(#[allow(dead_code)] watch::Sender<()>);
-
-/// Registers a final ack for `agent_id`: a poller for the same agent started in this process
-/// before the guard is dropped waits for it (at most [`FINAL_ACK_WAIT`]) before its first
-/// poll, so it is not offered what the stopped poller handled.
-pub fn final_ack_in_flight(agent_id: &str) -> FinalAckGuard {
-    let (done, waiting) = watch::channel(());
-    let mut acks = lock(final_acks());
-    // A receiver whose guard is gone is done: `has_changed` errs once the sender is dropped.
-    acks.retain(|_, list| {
-        list.retain(|rx| rx.has_changed().is_ok());
-        !list.is_empty()
-    });
-    acks.entry(agent_id.to_owned()).or_default().push(waiting);
-    FinalAckGuard(done)
-}
-
-async fn final_acks_done(agent_id: &str) {
-    let waiting: Vec<watch::Receiver<()>> = lock(final_acks())
-        .get(agent_id)
-        .map(|list| {
-            list.iter()
-                .filter(|rx| rx.has_changed().is_ok())
-                .cloned()
-                .collect()
-        })
-        .unwrap_or_default();
-    if waiting.is_empty() {
-        return;
-    }
-    tracing::debug!(
-        count = waiting.len(),
-        "waiting for the final acks of a stopped poller"
-    );
-    let all = join_all(waiting.into_iter().map(|mut rx| async move {
-        // Never sent to: returns when the guard is dropped.
-        let _ = rx.changed().await;
-    }));
-    let _ = tokio::time::timeout(FINAL_ACK_WAIT, all).await;
-}
-
 async fn poll_loop(shared: Arc<Shared>, queue: mpsc::Sender<Batch>, token: CancellationToken) {
     // Not offered again what a poller stopped just before us handled: its acks go first.
     tokio::select! {
         _ = token.cancelled() => return,
-        _ = final_acks_done(&shared.config.agent_id) => {}
+        _ = final_ack::wait_for_earlier(&shared.config.agent_id) => {}
     }
     let base = shared.config.poll_interval;
     let slow = base.saturating_mul(shared.config.realtime_slowdown.max(1));
@@ -1337,5 +1283,6 @@ async fn flush_acks(shared: &Shared) -> bool {
     }
 }
 
+pub mod final_ack;
 #[cfg(test)]
 mod tests;

@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::js::{JsFn, JsThread, Json, Lenient, Pending, PersistentObject, describe};
+use super::sse_connection::{SseConnection, SseSource, SseTarget};
 use crate::core::delivery::{Handler, Outcome, Settled};
 use crate::core::error::{Error as CoreError, Result as CoreResult};
 use crate::core::key_rotation::{Registry, RegistryCredential};
@@ -346,6 +347,86 @@ impl Registry for JsRegistry {
                 .get("newApiKey")
                 .and_then(Value::as_str)
                 .map(str::to_owned))
+        })
+    }
+}
+
+impl crate::core::runtime::CallerTransport for JsTransport {
+    fn connect(&self, config: Value) -> BoxFuture<'_, CoreResult<()>> {
+        Box::pin(JsTransport::connect(self, config))
+    }
+}
+
+impl crate::core::runtime::CredentialSource for JsRegistry {
+    fn credential(&self, agent_id: Option<&str>) -> BoxFuture<'_, CoreResult<Option<Value>>> {
+        let agent_id = agent_id.map(str::to_owned);
+        Box::pin(async move { JsRegistry::credential(self, agent_id.as_deref()).await })
+    }
+}
+
+/// The caller's `createSseTransport` as the runtime's stream factory: the transport it makes
+/// becomes an `SseConnectionService` whose messages go to the runtime's poller.
+pub struct JsStreamFactory {
+    factory: Arc<JsFn>,
+    js: JsThread,
+    /// The service made over the caller's transport, for the runtime handle to hand out.
+    made: std::sync::Mutex<Option<Arc<SseConnection>>>,
+}
+
+impl JsStreamFactory {
+    pub fn new(factory: Arc<JsFn>, js: JsThread) -> Self {
+        Self {
+            factory,
+            js,
+            made: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The service over the transport the factory made, once.
+    pub fn take_made(&self) -> Option<Arc<SseConnection>> {
+        crate::core::sync::lock(&self.made).take()
+    }
+}
+
+impl crate::core::runtime::CallerStreamFactory for JsStreamFactory {
+    fn open(
+        &self,
+        connect_config: Value,
+        inbox: crate::core::runtime::StreamInbox,
+    ) -> BoxFuture<'_, CoreResult<BoxFuture<'static, CoreResult<()>>>> {
+        let factory = self.factory.clone();
+        Box::pin(async move {
+            let (service, started) = self
+                .js
+                .run(move |env| {
+                    let created = factory.call(env, ()).map_err(|e| {
+                        Error::new(
+                            Status::GenericFailure,
+                            format!("createSseTransport() failed: {}", describe(&e)),
+                        )
+                    })?;
+                    let object = super::js::as_object(env, created)?.ok_or_else(|| {
+                        Error::new(
+                            Status::InvalidArg,
+                            "createSseTransport() did not return a transport object".to_owned(),
+                        )
+                    })?;
+                    let transport = Arc::new(JsTransport::new(&object, JsThread::new(env))?);
+                    let name = transport.transport_name().to_owned();
+                    let source = SseSource::Js {
+                        transport,
+                        connect_config,
+                        unsubscribe: std::sync::Mutex::new(None),
+                    };
+                    let service = SseConnection::new(source, SseTarget::Poller(inbox), name);
+                    let started = service.start(env, None)?;
+                    Ok((service, started))
+                })
+                .await?;
+            *crate::core::sync::lock(&self.made) = Some(service);
+            let started: BoxFuture<'static, CoreResult<()>> =
+                Box::pin(async move { started.await.map_err(|e| CoreError::Js(describe(&e))) });
+            Ok(started)
         })
     }
 }

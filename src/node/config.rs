@@ -263,10 +263,7 @@ impl<'env> Fields<'env> {
 
 const NOT_DOTS: &str = "an id usable in a URL path (not \".\" or \"..\")";
 
-/// False for `.` and `..`: see [`crate::core::signaldock::endpoint`].
-pub fn usable_in_path(id: &str) -> bool {
-    !matches!(id, "." | "..")
-}
+pub use crate::core::credentials::usable_in_path;
 
 /// The first of `methods` that `object` lacks as a function.
 pub fn missing_method<'a>(object: &Object<'_>, methods: &[&'a str]) -> Result<Option<&'a str>> {

@@ -7,10 +7,9 @@ use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
 use super::config::Fields;
-use super::lifetime::Liveness;
+use super::service::Service;
 use crate::core::credentials::{ApiKey, Credentials};
 use crate::core::heartbeat::{BeatOutcome, DEFAULT_INTERVAL, Heartbeat};
-use crate::core::local;
 use crate::core::signaldock::SignalDock;
 
 #[napi(object, js_name = "HeartbeatStatus")]
@@ -42,71 +41,10 @@ impl From<BeatOutcome> for JsBeatOutcome {
     }
 }
 
-pub struct HeartbeatCore {
-    pub core: Heartbeat,
-    live: Liveness,
-}
-
-impl HeartbeatCore {
-    /// A heartbeat over `client`: inside a runtime, the runtime's one REST client (so the
-    /// beat fails over with everything else).
-    pub fn new(client: Arc<SignalDock>, interval: std::time::Duration) -> Result<Arc<Self>> {
-        let agent_id = client.credentials().agent_id();
-        if !super::config::usable_in_path(agent_id) {
-            return Err(Error::new(
-                Status::InvalidArg,
-                format!(
-                    "heartbeat: the agent id {agent_id:?} cannot be used as an id in a URL path"
-                ),
-            ));
-        }
-        Ok(Arc::new(Self {
-            core: Heartbeat::new(client, interval),
-            live: Liveness::default(),
-        }))
-    }
-
-    /// A runtime on the local SignalDock: the beats go into `signaldock.db`, through the
-    /// runtime's own connection to it.
-    pub fn local(transport: local::LocalTransport, interval: std::time::Duration) -> Arc<Self> {
-        Arc::new(Self {
-            core: Heartbeat::new(Arc::new(transport), interval),
-            live: Liveness::default(),
-        })
-    }
-
-    /// Starts; while running, the service (and `wrapper`, its JS object) is a GC root and
-    /// keeps the process alive, until `stop()` or the end of the environment.
-    pub fn start(self: &Arc<Self>, env: &Env, wrapper: Option<&Object<'_>>) -> Result<()> {
-        let weak = Arc::downgrade(self);
-        self.live.start(
-            env,
-            wrapper,
-            || self.core.start(),
-            move || {
-                if let Some(service) = weak.upgrade() {
-                    service.core.stop();
-                    service.live.abandon();
-                }
-            },
-        )
-    }
-
-    /// Roots a wrapper handed out for this service while it runs.
-    pub fn root(&self, wrapper: &Object<'_>) -> Result<()> {
-        self.live.root(wrapper)
-    }
-
-    pub fn stop(&self, env: &Env) {
-        self.core.stop();
-        self.live.release(env);
-    }
-}
-
 /// Reports presence: `POST /agents/{agentId}/heartbeat` at once, then every `intervalMs`.
 #[napi(js_name = "HeartbeatService")]
 pub struct HeartbeatService {
-    pub(crate) inner: Arc<HeartbeatCore>,
+    pub(crate) inner: Arc<Service<Heartbeat>>,
 }
 
 #[napi]
@@ -120,11 +58,13 @@ impl HeartbeatService {
         let interval = fields
             .positive_ms("intervalMs")?
             .unwrap_or(DEFAULT_INTERVAL);
+        // A standalone service has its own credential and client; in a runtime, the
+        // runtime's one of each.
         let credentials = Credentials::new(agent_id, ApiKey::new(api_key));
         let client = SignalDock::new(credentials, &api_base_url, None)
-            .map_err(|e| Error::new(Status::InvalidArg, e.to_string()))?;
+            .map_err(|e| super::error::to_js(&e))?;
         Ok(Self {
-            inner: HeartbeatCore::new(Arc::new(client), interval)?,
+            inner: Service::new(Arc::new(Heartbeat::new(Arc::new(client), interval))),
         })
     }
 
@@ -141,7 +81,7 @@ impl HeartbeatService {
 
     #[napi]
     pub fn status(&self) -> JsHeartbeatStatus {
-        let s = self.inner.core.status();
+        let s = self.inner.inner().status();
         JsHeartbeatStatus {
             running: s.running,
             consecutive_failures: s.consecutive_failures,
@@ -153,7 +93,7 @@ impl HeartbeatService {
     /// One beat now (the schedule is left alone); resolves with its outcome.
     #[napi]
     pub async fn beat_now(&self) -> Result<JsBeatOutcome> {
-        let pending = self.inner.core.beat_now();
+        let pending = self.inner.inner().beat_now();
         pending
             .await
             .map(Into::into)

@@ -9,8 +9,7 @@ use napi_derive::napi;
 use super::adapters::JsRegistry;
 use super::config::Fields;
 use super::js::JsThread;
-use super::lifetime::Liveness;
-use crate::core::credentials::Credentials;
+use super::service::Service;
 use crate::core::key_rotation::{CheckOutcome, KeyRotation, KeyRotationConfig};
 
 #[napi(object, js_name = "KeyRotationStatus")]
@@ -44,55 +43,10 @@ impl From<CheckOutcome> for JsCheckOutcome {
     }
 }
 
-pub struct KeyRotationCore {
-    pub core: KeyRotation,
-    live: Liveness,
-}
-
-impl KeyRotationCore {
-    pub fn new(
-        registry: Arc<JsRegistry>,
-        credentials: Option<Arc<Credentials>>,
-        config: KeyRotationConfig,
-    ) -> Arc<Self> {
-        Arc::new(Self {
-            core: KeyRotation::new(registry, credentials, config),
-            live: Liveness::default(),
-        })
-    }
-
-    /// Starts; while running, the service (and `wrapper`, its JS object) is a GC root and
-    /// keeps the process alive, until `stop()` or the end of the environment.
-    pub fn start(self: &Arc<Self>, env: &Env, wrapper: Option<&Object<'_>>) -> Result<()> {
-        let weak = Arc::downgrade(self);
-        self.live.start(
-            env,
-            wrapper,
-            || self.core.start(),
-            move || {
-                if let Some(service) = weak.upgrade() {
-                    service.core.stop();
-                    service.live.abandon();
-                }
-            },
-        )
-    }
-
-    /// Roots a wrapper handed out for this service while it runs.
-    pub fn root(&self, wrapper: &Object<'_>) -> Result<()> {
-        self.live.root(wrapper)
-    }
-
-    pub fn stop(&self, env: &Env) {
-        self.core.stop();
-        self.live.release(env);
-    }
-}
-
 /// Rotates the agent's API key through the registry before it gets older than `maxKeyAgeMs`.
 #[napi(js_name = "KeyRotationService")]
 pub struct KeyRotationService {
-    pub(crate) inner: Arc<KeyRotationCore>,
+    pub(crate) inner: Arc<Service<KeyRotation>>,
 }
 
 #[napi]
@@ -118,7 +72,7 @@ impl KeyRotationService {
         }
         let registry = Arc::new(JsRegistry::new(&registry, JsThread::new(&env))?);
         Ok(Self {
-            inner: KeyRotationCore::new(registry, None, config),
+            inner: Service::new(Arc::new(KeyRotation::new(registry, None, config))),
         })
     }
 
@@ -136,7 +90,7 @@ impl KeyRotationService {
 
     #[napi]
     pub fn status(&self) -> JsKeyRotationStatus {
-        let s = self.inner.core.status();
+        let s = self.inner.inner().status();
         JsKeyRotationStatus {
             running: s.running,
             last_rotation_at: match s.last_rotation_at {
@@ -152,7 +106,7 @@ impl KeyRotationService {
     /// One check now, also before the first scheduled one; resolves with what it did.
     #[napi]
     pub async fn check_now(&self) -> Result<JsCheckOutcome> {
-        let pending = self.inner.core.check_now();
+        let pending = self.inner.inner().check_now();
         pending
             .await
             .map(Into::into)

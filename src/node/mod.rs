@@ -6,8 +6,11 @@
 //!   environment.
 //! - [`config`]: reading config objects with `TypeError`s that name the field.
 //! - [`adapters`]: JS handler, transport and registry objects as core traits.
+//! - [`service`]: the one start/stop/GC-root shape of the exported service classes.
 //! - [`poller`], [`heartbeat`], [`key_rotation`]: the exported service classes.
-//! - [`runtime`]: `createRuntime`, wiring the services around one shared credential.
+//! - [`runtime`]: `createRuntime`: the JS config into [`crate::core::runtime`], the started
+//!   runtime wrapped as its handle.
+//! - [`error`]: core errors as JS `Error`s, in one place.
 //! - [`transports`]: the native HTTP, SSE and local transports as JS classes, one file each,
 //!   with the REST glue the first two share.
 //! - [`sse_connection`]: the `SseConnectionService` class.
@@ -15,6 +18,7 @@
 
 mod adapters;
 mod config;
+mod error;
 mod heartbeat;
 mod js;
 mod key_rotation;
@@ -22,6 +26,7 @@ mod lifetime;
 mod logger;
 mod poller;
 mod runtime;
+mod service;
 mod sse_connection;
 mod transports;
 

@@ -1,7 +1,6 @@
 //! `AgentPoller`: the JS class over [`crate::core::poller::Poller`].
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use napi::Env;
@@ -11,10 +10,10 @@ use napi_derive::napi;
 use super::adapters::{HandlerRef, JsHandler, JsTransport};
 use super::config::Fields;
 use super::js::{JsFn, JsThread};
-use super::lifetime::Liveness;
 use super::runtime_context;
+use super::service::{Lifecycle, Service};
 use crate::core::credentials::{ApiKey, Credentials};
-use crate::core::poller::{PollReport, Poller, PollerConfig, PollerStatus};
+use crate::core::poller::{PollReport, Poller, PollerConfig, PollerStatus, final_ack};
 use crate::core::signaldock::SignalDock;
 use crate::core::transport::{DirectSource, GroupFeed, PeekSource};
 
@@ -78,169 +77,85 @@ pub enum DirectPath {
     Native(Arc<dyn DirectSource>),
 }
 
-/// The poller and what its JS class holds on to.
-pub struct PollerCore {
-    pub core: Poller,
+impl DirectPath {
+    fn source(&self) -> Arc<dyn DirectSource> {
+        match self {
+            DirectPath::Js(transport) => transport.clone(),
+            DirectPath::Native(source) => source.clone(),
+        }
+    }
+}
+
+/// The poller and what its stop needs: where to send the final ack.
+pub struct PollerPart {
+    pub poller: Arc<Poller>,
     direct: DirectPath,
     js: JsThread,
-    live: Liveness,
 }
 
-/// Settings for building a poller, from a JS config or from `createRuntime`.
-pub struct PollerSettings {
-    pub config: PollerConfig,
-    pub credentials: Arc<Credentials>,
-    pub api_base_url: String,
-    /// The REST client for group reads and the default peek: a runtime passes its one
-    /// client (with its failover); a standalone poller builds its own from `api_base_url`.
-    pub rest: Option<Arc<SignalDock>>,
-    pub direct: Option<DirectPath>,
-}
-
-impl PollerCore {
-    pub fn build(env: &Env, settings: PollerSettings) -> Result<Arc<Self>> {
-        let js = JsThread::new(env);
-        let PollerSettings {
-            config,
-            credentials,
-            api_base_url,
-            rest: shared_rest,
+impl PollerPart {
+    /// The poller as a service; its handler is called through `env`'s JS thread.
+    pub fn service(env: &Env, poller: Arc<Poller>, direct: DirectPath) -> Arc<Service<Self>> {
+        Service::new(Arc::new(Self {
+            poller,
             direct,
-        } = settings;
-        let rest = || match &shared_rest {
-            Some(rest) => Ok(rest.clone()),
-            None => SignalDock::new(credentials.clone(), &api_base_url, None)
-                .map(Arc::new)
-                .map_err(|e| Error::new(Status::InvalidArg, e.to_string())),
-        };
-        let groups: Option<Arc<dyn GroupFeed>> = if config.group_conversation_ids.is_empty() {
-            None
-        } else {
-            Some(rest()?)
-        };
-        let direct = match direct {
-            Some(direct) => direct,
-            None => DirectPath::Native(Arc::new(PeekSource::new(rest()?))),
-        };
-        let source: Arc<dyn DirectSource> = match &direct {
-            DirectPath::Js(t) => t.clone(),
-            DirectPath::Native(s) => s.clone(),
-        };
-        Ok(Arc::new(Self {
-            core: Poller::new(config, source, groups).with_secrets(credentials.clone()),
-            direct,
-            js,
-            live: Liveness::default(),
+            js: JsThread::new(env),
         }))
     }
 
     pub fn set_handler(&self, function: HandlerRef) {
-        self.core
+        self.poller
             .set_handler(Arc::new(JsHandler::new(function, self.js.clone())));
     }
+}
 
-    /// Starts the loops; while they run, the poller (and `wrapper`, its JS object, when
-    /// given) is a GC root and keeps the process alive, until `stop()` or the end of the
-    /// environment.
-    pub fn start(self: &Arc<Self>, env: &Env, wrapper: Option<&Object<'_>>) -> Result<()> {
-        let weak = Arc::downgrade(self);
-        self.live.start(
-            env,
-            wrapper,
-            || self.core.start(),
-            move || {
-                if let Some(poller) = weak.upgrade() {
-                    poller.teardown();
-                }
-            },
-        )
-    }
+impl Lifecycle for PollerPart {
+    /// The final ack on a native source, under way.
+    type Stopped = Option<BoxFuture<'static, ()>>;
 
-    /// Roots a wrapper handed out for this poller while it runs.
-    pub fn root(&self, wrapper: &Object<'_>) -> Result<()> {
-        self.live.root(wrapper)
+    fn start(&self) -> bool {
+        self.poller.start()
     }
 
     /// Stops at once; what was handled but not yet acked is acked on the way out: through
     /// a JS transport right here (so no transport call happens after `stop()` returns), or
-    /// natively in the returned future, which the caller runs (before closing the transport).
-    pub fn stop(&self, env: &Env) -> Option<BoxFuture<'static, ()>> {
-        let handled = self.core.stop();
-        self.live.release(env);
-        if handled.is_empty() {
-            return None;
-        }
+    /// natively in the returned future.
+    fn stop(&self, env: &Env) -> Self::Stopped {
+        let handled = self.poller.stop();
         match &self.direct {
             DirectPath::Js(transport) => {
-                if let Err(e) = transport.ack_now(env, handled) {
+                if !handled.is_empty()
+                    && let Err(e) = transport.ack_now(env, handled)
+                {
                     tracing::warn!(error = %e, "final ack on stop failed");
                 }
                 None
             }
-            DirectPath::Native(source) => Some(self.final_ack_native(source.clone(), handled)),
+            DirectPath::Native(source) => {
+                final_ack::send(&self.poller.config().agent_id, source.clone(), handled)
+            }
         }
     }
 
-    /// The environment that started the poller is going away: stop without calling into it.
-    /// A native source still gets its final ack; a JS transport cannot be called any more
-    /// (what it handled is offered again to the next runtime, at-least-once).
+    /// The environment is going away: a native source still gets its final ack; a JS
+    /// transport cannot be called any more (what it handled is offered again to the next
+    /// runtime, at-least-once).
     fn teardown(&self) {
-        let handled = self.core.stop();
-        self.live.abandon();
-        if let (false, DirectPath::Native(source)) = (handled.is_empty(), &self.direct) {
-            let ack = self.final_ack_native(source.clone(), handled);
+        let handled = self.poller.stop();
+        if let DirectPath::Native(source) = &self.direct
+            && let Some(ack) =
+                final_ack::send(&self.poller.config().agent_id, source.clone(), handled)
+        {
             runtime_context(|| tokio::spawn(ack));
         }
     }
-
-    fn final_ack_native(
-        &self,
-        source: Arc<dyn DirectSource>,
-        handled: Vec<String>,
-    ) -> BoxFuture<'static, ()> {
-        // A poller started for the same agent waits for this ack before it polls.
-        let guard = crate::core::poller::final_ack_in_flight(&self.core.config().agent_id);
-        Box::pin(async move {
-            final_ack(source, handled).await;
-            drop(guard);
-        })
-    }
 }
-
-/// The final ack of what a stopped poller handled: retried (the server may be failing a
-/// share of requests) within [`FINAL_ACK_BUDGET`]. What it cannot ack is offered again to the
-/// next runtime (at-least-once); nothing keeps the process alive for it.
-async fn final_ack(source: Arc<dyn DirectSource>, ids: Vec<String>) {
-    let deadline = tokio::time::Instant::now() + FINAL_ACK_BUDGET;
-    let mut pause = Duration::from_millis(100);
-    loop {
-        let error = match tokio::time::timeout_at(deadline, source.ack(ids.clone())).await {
-            Ok(Ok(())) => return,
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "timed out".to_owned(),
-        };
-        if tokio::time::Instant::now() + pause >= deadline {
-            tracing::warn!(
-                error,
-                count = ids.len(),
-                "final ack on stop failed; those messages may be offered again"
-            );
-            return;
-        }
-        tracing::debug!(error, "final ack on stop failed; retrying");
-        tokio::time::sleep(pause).await;
-        pause *= 2;
-    }
-}
-
-/// How long a stopped poller keeps trying to ack what it handled.
-const FINAL_ACK_BUDGET: Duration = Duration::from_secs(5);
 
 /// Polls SignalDock for direct messages and group @mentions and hands each message, once,
 /// to the handler set with `onMessage`.
 #[napi(js_name = "AgentPoller")]
 pub struct AgentPoller {
-    pub(crate) inner: Arc<PollerCore>,
+    pub(crate) inner: Arc<Service<PollerPart>>,
 }
 
 #[napi]
@@ -268,22 +183,31 @@ impl AgentPoller {
         if let Some(limit) = fields.positive_count("groupPollLimit", 1000)? {
             config.group_poll_limit = limit;
         }
-        let direct = match transport {
-            Some(object) => Some(DirectPath::Js(Arc::new(JsTransport::new(
-                &object,
-                JsThread::new(&env),
-            )?))),
-            None => None,
+        // A standalone poller has its own credential and client; in a runtime, the
+        // runtime's one of each.
+        let credentials = Credentials::new(agent_id, ApiKey::new(api_key));
+        let client = match needs_rest {
+            true => Some(Arc::new(
+                SignalDock::new(credentials.clone(), &api_base_url, None)
+                    .map_err(|e| super::error::to_js(&e))?,
+            )),
+            false => None,
         };
-        let settings = PollerSettings {
-            config,
-            credentials: Credentials::new(agent_id, ApiKey::new(api_key)),
-            api_base_url,
-            rest: None,
-            direct,
+        let direct = match (transport, &client) {
+            (Some(object), _) => {
+                DirectPath::Js(Arc::new(JsTransport::new(&object, JsThread::new(&env))?))
+            }
+            (None, Some(client)) => DirectPath::Native(Arc::new(PeekSource::new(client.clone()))),
+            // Without a transport `needs_rest` holds: a client was made above.
+            (None, None) => return Err(Error::from_reason("AgentPoller: no transport, no REST")),
         };
+        let groups: Option<Arc<dyn GroupFeed>> = match client {
+            Some(client) if !config.group_conversation_ids.is_empty() => Some(client),
+            _ => None,
+        };
+        let poller = Poller::new(config, direct.source(), groups).with_secrets(credentials);
         Ok(Self {
-            inner: PollerCore::build(&env, settings)?,
+            inner: PollerPart::service(&env, Arc::new(poller), direct),
         })
     }
 
@@ -291,7 +215,7 @@ impl AgentPoller {
     #[napi(ts_args_type = "handler: (message: ConduitMessage) => void | Promise<void>")]
     pub fn on_message(&self, env: Env, handler: Unknown) -> Result<()> {
         let handler = JsFn::new(&env, handler, "AgentPoller.onMessage: handler")?;
-        self.inner.set_handler(Arc::new(handler));
+        self.inner.inner().set_handler(Arc::new(handler));
         Ok(())
     }
 
@@ -305,21 +229,21 @@ impl AgentPoller {
     #[napi]
     pub fn stop(&self, env: Env) {
         if let Some(final_ack) = self.inner.stop(&env) {
-            let span = self.inner.core.span().clone();
+            let span = self.inner.inner().poller.span().clone();
             runtime_context(|| tokio::spawn(tracing::Instrument::instrument(final_ack, span)));
         }
     }
 
     #[napi]
     pub fn status(&self) -> JsPollerStatus {
-        self.inner.core.status().into()
+        self.inner.inner().poller.status().into()
     }
 
     /// One cycle over every track now, then the next pages while pages are full; resolves
     /// once what it found has been handled and acked. No clock involved: the hook for tests.
     #[napi]
     pub async fn poll_now(&self) -> Result<JsPollReport> {
-        let pending = self.inner.core.poll_now_and_wait();
+        let pending = self.inner.inner().poller.poll_now_and_wait();
         pending
             .await
             .map(Into::into)

@@ -59,10 +59,10 @@ pub enum SseTarget {
     /// The handler set with `onMessage`.
     Handler(Mutex<Option<HandlerRef>>),
     /// The runtime's poller (dedup against polling, one handler).
-    Poller(tokio::sync::mpsc::UnboundedSender<ConduitMessage>),
+    Poller(crate::core::runtime::StreamInbox),
 }
 
-pub struct SseConnectionCore {
+pub struct SseConnection {
     source: SseSource,
     target: Arc<SseTarget>,
     running: Mutex<bool>,
@@ -71,7 +71,7 @@ pub struct SseConnectionCore {
     stats: Arc<HandlerStats>,
 }
 
-impl SseConnectionCore {
+impl SseConnection {
     pub fn new(source: SseSource, target: SseTarget, transport_name: String) -> Arc<Self> {
         Arc::new(Self {
             source,
@@ -264,8 +264,8 @@ fn forward_message(
     message: ConduitMessage,
 ) {
     match target {
-        SseTarget::Poller(queue) => {
-            let _ = queue.send(message);
+        SseTarget::Poller(inbox) => {
+            inbox.offer(message);
         }
         SseTarget::Handler(slot) => {
             let Some(handler) = lock(slot).clone() else {
@@ -296,7 +296,7 @@ fn forward_message(
 /// Keeps a transport's realtime subscription and forwards its messages to the handler.
 #[napi(js_name = "SseConnectionService")]
 pub struct SseConnectionService {
-    pub(crate) inner: Arc<SseConnectionCore>,
+    pub(crate) inner: Arc<SseConnection>,
 }
 
 #[napi]
@@ -324,7 +324,7 @@ impl SseConnectionService {
             unsubscribe: Mutex::new(None),
         };
         Ok(Self {
-            inner: SseConnectionCore::new(source, SseTarget::Handler(Mutex::new(None)), name),
+            inner: SseConnection::new(source, SseTarget::Handler(Mutex::new(None)), name),
         })
     }
 

@@ -16,8 +16,8 @@ use napi_derive::napi;
 
 use super::config::Fields;
 
-pub use self::http::{ClientSlot, HttpTransport};
-pub use self::local::{LocalTransport, default_local_db_path};
+pub use self::http::HttpTransport;
+pub use self::local::LocalTransport;
 pub use self::sse::SseTransport;
 
 /// `connect()` config: the contract's `TransportConnectConfig`.
@@ -105,5 +105,5 @@ fn read_connect_config(
 
 /// A core error as a JS error, its text kept.
 fn to_js(err: crate::core::error::Error) -> Error {
-    Error::new(Status::GenericFailure, err.to_string())
+    super::error::to_js(&err)
 }

@@ -676,7 +676,7 @@ async fn a_new_poller_waits_for_the_final_ack_of_one_stopped_before_it() {
     // Its own agent id: the registry of final acks is process-wide.
     let r = Rig::with_config(&[], |c| c.agent_id = "final-ack-test".into());
     r.direct.push(dms(1..=2));
-    let guard = final_ack_in_flight("final-ack-test");
+    let guard = final_ack::in_flight_for("final-ack-test");
     r.handle();
     r.poller.start();
     r.at(300).await;
@@ -689,12 +689,13 @@ async fn a_new_poller_waits_for_the_final_ack_of_one_stopped_before_it() {
     assert_eq!(r.direct.poll_times(), [300]);
     assert_eq!(r.handler.ids(), ["d1", "d2"]);
 
-    // A guard never dropped holds the next start back for FINAL_ACK_WAIT at most.
+    // A guard never dropped holds the next start back for final_ack::FINAL_ACK_WAIT at most.
     r.poller.stop();
-    let _stuck = final_ack_in_flight("final-ack-test");
+    let _stuck = final_ack::in_flight_for("final-ack-test");
     r.direct.push(dms(3..=3));
     r.poller.start();
-    r.at(310 + FINAL_ACK_WAIT.as_millis() as u64 + 10).await;
+    r.at(310 + final_ack::FINAL_ACK_WAIT.as_millis() as u64 + 10)
+        .await;
     assert_eq!(r.handler.ids(), ["d1", "d2", "d3"]);
 }
 

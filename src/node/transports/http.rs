@@ -30,16 +30,14 @@ pub struct HttpTransport {
 }
 
 impl HttpTransport {
-    /// The runtime's transport, connected over the runtime's one REST client.
-    pub fn from_client(client: Arc<SignalDock>) -> Self {
+    /// The runtime's transport over its one REST client, in the runtime's slot, which the
+    /// runtime empties at `stop()`. A `connect()` from JS then keeps the runtime's credential
+    /// store (`credentials`), so a rotated key reaches it.
+    pub fn from_slot(client: ClientSlot, credentials: Arc<Credentials>) -> Self {
         Self {
-            shared_credentials: Some(client.credentials().clone()),
-            client: Arc::new(Mutex::new(Some(client))),
+            client,
+            shared_credentials: Some(credentials),
         }
-    }
-
-    pub fn slot(&self) -> ClientSlot {
-        self.client.clone()
     }
 
     fn client(&self) -> Result<Arc<SignalDock>> {

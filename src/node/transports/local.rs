@@ -37,21 +37,18 @@ pub struct LocalTransport {
 }
 
 impl LocalTransport {
-    /// A transport already connected (the runtime's resolution). Its subscribers are called
-    /// through the runtime's queue (`js`), open while it runs.
-    pub fn from_core(js: JsThread, core: local::LocalTransport) -> Self {
+    /// A transport already connected (the runtime's resolution), in the runtime's slot,
+    /// which the runtime empties at `stop()`. Its subscribers are called through the
+    /// runtime's queue (`js`), open while it runs.
+    pub fn from_slot(js: JsThread, slot: Arc<Mutex<Option<local::LocalTransport>>>) -> Self {
+        let db_path = lock(&slot).as_ref().map(|core| core.path().to_path_buf());
         Self {
-            db_path: Some(core.path().to_path_buf()),
-            connected: Arc::new(Mutex::new(Some(core))),
+            db_path,
+            connected: slot,
             js,
             subscriptions: Arc::default(),
             live: Arc::default(),
         }
-    }
-
-    /// The connection slot, for the runtime that owns this transport to close at `stop()`.
-    pub fn slot(&self) -> Arc<Mutex<Option<local::LocalTransport>>> {
-        self.connected.clone()
     }
 
     fn core(&self) -> Result<local::LocalTransport> {

@@ -32,8 +32,7 @@ pub fn connect_client(
 /// A failed REST call as a JS error: `"{what} failed: {err}"`, scrubbed of the agent's keys,
 /// since the error may quote the server's answer and a server may echo the key back.
 pub fn rest_error(client: &SignalDock, what: &str, err: crate::core::error::Error) -> Error {
-    let text = client.credentials().scrub(&format!("{what} failed: {err}"));
-    Error::new(Status::GenericFailure, text)
+    crate::node::error::scrubbed(&err.context(format!("{what} failed")), client.credentials())
 }
 
 /// `push(to, content, options)` over REST: a direct message, or into a conversation.
