@@ -14,6 +14,8 @@
 //! - [`transport`]: the traits a service needs from a message source or sink, so a JS
 //!   object, a native transport and a test fake are interchangeable.
 //! - One module per service: [`poller`], [`heartbeat`], [`key_rotation`], [`sse`].
+//! - [`journal`]: the per-agent SQLite journal that makes delivery survive a stop, a crash
+//!   and a restart (unhandled messages, dedup state, group read positions).
 //! - [`sync`]: locking that survives a panic elsewhere.
 //! - [`task`]: a running loop's cancellation token and join handle.
 
@@ -24,6 +26,7 @@ pub mod dedup;
 pub mod delivery;
 pub mod error;
 pub mod heartbeat;
+pub mod journal;
 pub mod key_rotation;
 pub mod local;
 pub mod mention;
