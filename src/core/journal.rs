@@ -261,6 +261,22 @@ pub fn resolve(
     Some(dir.join(DIR).join(format!("{}.db", file_stem(agent_id))))
 }
 
+/// Opens the journal `setting` asks for (see [`resolve`]; `CLEO_DIR` and the working
+/// directory are read here), or `None` for none. Errors name the file.
+pub async fn open_for(
+    setting: &JournalSetting,
+    agent_id: &str,
+) -> Result<Option<(JournalConfig, Arc<Journal>)>> {
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let cleo_dir = std::env::var_os("CLEO_DIR");
+    let Some(path) = resolve(setting, agent_id, cleo_dir.as_deref(), &cwd) else {
+        return Ok(None);
+    };
+    let config = JournalConfig::new(path, agent_id);
+    let journal = Journal::open_async(config.clone()).await?;
+    Ok(Some((config, journal)))
+}
+
 /// An agent id as one file name: characters other than ASCII letters, digits, `-` and `_`
 /// are percent-encoded, so `a/b`, `..` or a name with spaces stays one file in the
 /// directory.
@@ -299,6 +315,7 @@ enum Op {
         reply: oneshot::Sender<Result<()>>,
     },
     Settle(i64),
+    Unstart(Vec<i64>),
     Unhandled {
         after: i64,
         boot_max: i64,
@@ -564,6 +581,14 @@ impl Journal {
         self.send(Op::Settle(seq));
     }
 
+    /// Takes back [`Journal::start`] for messages the handler was never called with (the
+    /// runtime stopped first): offered again unflagged. Does not wait, like `settle`.
+    pub fn unstart(&self, seqs: Vec<i64>) {
+        if !seqs.is_empty() {
+            self.send(Op::Unstart(seqs));
+        }
+    }
+
     /// Unhandled messages with `seq > after` that the stream brought, or that were in the
     /// file when it was opened (`seq <= boot_max`), oldest first.
     pub async fn unhandled_after(
@@ -817,6 +842,14 @@ impl Worker {
                             .optional()?;
                         freed += bytes.unwrap_or(0).max(0) as u64;
                         settled += 1;
+                    }
+                    Op::Unstart(seqs) => {
+                        let mut update = tx.prepare_cached(
+                            "UPDATE messages SET state = 0 WHERE seq = ?1 AND state = 1",
+                        )?;
+                        for seq in seqs {
+                            update.execute(params![seq])?;
+                        }
                     }
                     Op::Unhandled {
                         after,

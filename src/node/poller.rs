@@ -14,6 +14,7 @@ use super::js::{JsThread, type_error};
 use super::lifetime::Liveness;
 use super::runtime_context;
 use crate::core::credentials::{ApiKey, Credentials};
+use crate::core::journal::{Journal, JournalConfig};
 use crate::core::poller::{PollReport, Poller, PollerConfig, PollerStatus};
 use crate::core::signaldock::SignalDock;
 use crate::core::transport::{DirectSource, GroupFeed, PeekSource};
@@ -95,6 +96,8 @@ pub struct PollerSettings {
     /// client (with its failover); a standalone poller builds its own from `api_base_url`.
     pub rest: Option<Arc<SignalDock>>,
     pub direct: Option<DirectPath>,
+    /// The journal (`createRuntime`'s `journal`), already open.
+    pub journal: Option<(JournalConfig, Arc<Journal>)>,
 }
 
 impl PollerCore {
@@ -106,6 +109,7 @@ impl PollerCore {
             api_base_url,
             rest: shared_rest,
             direct,
+            journal,
         } = settings;
         let rest = || match &shared_rest {
             Some(rest) => Ok(rest.clone()),
@@ -126,8 +130,12 @@ impl PollerCore {
             DirectPath::Js(t) => t.clone(),
             DirectPath::Native(s) => s.clone(),
         };
+        let mut core = Poller::new(config, source, groups).with_secrets(credentials.clone());
+        if let Some((config, journal)) = journal {
+            core = core.with_journal(config, Some(journal));
+        }
         Ok(Arc::new(Self {
-            core: Poller::new(config, source, groups).with_secrets(credentials.clone()),
+            core,
             direct,
             js,
             live: Liveness::default(),
@@ -281,6 +289,7 @@ impl AgentPoller {
             api_base_url,
             rest: None,
             direct,
+            journal: None,
         };
         Ok(Self {
             inner: PollerCore::build(&env, settings)?,

@@ -55,6 +55,7 @@ struct RuntimeSettings {
     transport: Option<Arc<JsTransport>>,
     sse_endpoint: Option<String>,
     create_sse_transport: Option<FactoryRef>,
+    journal: crate::core::journal::JournalSetting,
 }
 
 type FactoryRef = Arc<FunctionRef<(), Unknown<'static>>>;
@@ -455,6 +456,7 @@ pub fn start_runtime<'env>(
             }
             None => None,
         },
+        journal: fields.journal("journal")?,
     };
     let registry = Arc::new(JsRegistry::new(&registry, js.clone())?);
     // The pending registry and connect calls must not let the process exit under us.
@@ -542,6 +544,10 @@ async fn build_runtime(
     log_scope.bind(&credentials);
     let scrub = |text: String| credentials.scrub(&text);
     let fail = |what: &str, e: CoreError| scrub(format!("createRuntime: {what}: {e}"));
+    // First, so a journal in use by another runtime fails before anything connects.
+    let journal = crate::core::journal::open_for(&settings.journal, &credential.agent_id)
+        .await
+        .map_err(|e| fail("journal", e))?;
 
     let sse_endpoint = settings
         .sse_endpoint
@@ -692,7 +698,7 @@ async fn build_runtime(
         .run(move |env| {
             let poller = PollerCore::build(
                 env,
-                PollerSettings { config: poller_config, credentials: shared.clone(), api_base_url: api_base_url.clone(), rest: rest.clone(), direct: Some(direct) },
+                PollerSettings { config: poller_config, credentials: shared.clone(), api_base_url: api_base_url.clone(), rest: rest.clone(), direct: Some(direct), journal },
             )?;
             // Started now, so nothing that arrives is lost; without a handler it only waits.
             poller.start(env, None)?;
