@@ -121,7 +121,7 @@ function plainSseReader(streamUrl, agentId, apiKey, onMessage) {
 // --------------------------------------------------------------------------- scenarios
 
 const scenarios = {
-  async sse({ url, agentId, apiKey, count, timeoutMs = 60_000 }) {
+  async sse({ url, agentId, apiKey, count, timeoutMs = 60_000 , journal }) {
     const impl = await load();
     const latencies = [];
     const end = deadline(timeoutMs);
@@ -134,6 +134,8 @@ const scenarios = {
     if (impl) {
       const handle = await impl.createRuntime(registryOf(credential(agentId, apiKey, url)), {
         agentId, sseEndpoint: `${url}/messages/stream`, heartbeatIntervalMs: 0, maxKeyAgeMs: 0,
+        // The journal comparison (issue 14): a path, or false; absent for the baseline.
+        ...(journal !== undefined ? { journal } : {}),
       });
       handle.poller.onMessage(onMessage);
       handle.poller.start();
@@ -201,7 +203,7 @@ const scenarios = {
     result({ groupsDelivered: seenGroups.size, timedOut: end.state.timedOut, cycleMs: last - t0 });
   },
 
-  async throughput({ count, pollIntervalMs = 1, timeoutMs = 120_000 }) {
+  async throughput({ count, pollIntervalMs = 1, timeoutMs = 120_000, journal }) {
     const impl = await load();
     const transport = new MemoryTransport(count);
     let handled = 0;
@@ -215,7 +217,16 @@ const scenarios = {
     const cpu0 = process.cpuUsage();
     const t0 = nowMs();
     let poller = null;
-    if (impl) {
+    let handle = null;
+    if (impl && journal !== undefined) {
+      // The journal comparison: a runtime (the journal is a runtime option) over the same
+      // transport, journal on (a path) or off (false).
+      handle = await impl.createRuntime(registryOf(credential('alice', 'k', 'http://127.0.0.1:9')), {
+        agentId: 'alice', pollIntervalMs, transport, heartbeatIntervalMs: 0, maxKeyAgeMs: 0, journal,
+      });
+      poller = handle.poller;
+      poller.onMessage(handler);
+    } else if (impl) {
       poller = new impl.AgentPoller({
         agentId: 'alice', apiKey: 'k', apiBaseUrl: 'http://127.0.0.1:9', pollIntervalMs, transport,
       });
@@ -233,7 +244,8 @@ const scenarios = {
     const elapsedMs = (last || nowMs()) - t0;
     const cpuMs = cpuMsSince(cpu0);
     const status = poller?.status();
-    poller?.stop();
+    if (handle) handle.stop();
+    else poller?.stop();
     const hwm = procStatus().vmHwmKiB;
     result({
       count, handled, timedOut: end.state.timedOut, elapsedMs,
