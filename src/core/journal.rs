@@ -80,7 +80,6 @@ CREATE TABLE IF NOT EXISTS messages (
   bytes INTEGER NOT NULL,
   state INTEGER NOT NULL,
   received_ms INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS messages_state ON messages(state, seq);
 CREATE TABLE IF NOT EXISTS groups (
   conversation TEXT PRIMARY KEY, newest_ms INTEGER, floor_ms INTEGER);
 CREATE TABLE IF NOT EXISTS group_rows (
