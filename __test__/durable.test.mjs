@@ -196,7 +196,11 @@ describe('durable delivery: the SSE path', () => {
     // What the server pushed to the killed process's socket and nobody read: the kernel's
     // socket buffers and the frame being parsed. Printed for the README.
     console.log(`on the wire at kill -9: ${lost.length} of ${sent.length} sent (pushed to the dead stream)`);
-    expect(callsB.filter((c) => new Set(a.done()).has(c.id))).toEqual([]);
+    // Handed over again: only the call in flight at the kill (its `done` may be printed
+    // already: the kill can land before the handler returned), flagged.
+    const again = callsB.filter((c) => a.calls().some((x) => x.id === c.id));
+    expect(again.filter((c) => !c.redelivered)).toEqual([]);
+    expect(again.length).toBeLessThanOrEqual(1);
     expect(lost.length).toBeLessThan(50);
   }, 90_000);
 });
