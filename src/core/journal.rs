@@ -272,8 +272,17 @@ pub async fn open_for(
         return Ok(None);
     };
     let config = JournalConfig::new(path, agent_id);
-    let journal = Journal::open_async(config.clone()).await?;
-    Ok(Some((config, journal)))
+    match Journal::open_async(config.clone()).await {
+        Ok(journal) => Ok(Some((config, journal))),
+        // The default location cannot be written (a read-only `.cleo`): the runtime runs as
+        // it did before journals, and says so. A journal asked for by path, or one in use,
+        // is an error.
+        Err(Error::Storage(why)) if *setting == JournalSetting::Default => {
+            tracing::warn!(error = %why, "cannot open the default journal; delivery state stays in memory (set `journal` to a path to keep it)");
+            Ok(None)
+        }
+        Err(err) => Err(err),
+    }
 }
 
 /// An agent id as one file name: characters other than ASCII letters, digits, `-` and `_`
