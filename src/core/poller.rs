@@ -526,6 +526,20 @@ impl Shared {
             .clone()
     }
 
+    /// The handler, once there is one; `None` when `token` is cancelled first.
+    async fn wait_for_handler(&self, token: &CancellationToken) -> Option<Arc<dyn Handler>> {
+        loop {
+            let registered = self.handler_set.notified();
+            if let Some(handler) = self.handler() {
+                return Some(handler);
+            }
+            tokio::select! {
+                _ = token.cancelled() => return None,
+                _ = registered => {}
+            }
+        }
+    }
+
     fn record_error(&self, track: &str, err: &Error) {
         let text = self.scrub(format!("{track}: {err}"));
         tracing::debug!(error = %text, "poll track failed");
@@ -1232,38 +1246,39 @@ async fn delivery_loop(
             continue;
         }
         // A message pushed before any handler exists waits here for one: never dropped.
-        let handler = loop {
-            let registered = shared.handler_set.notified();
-            if let Some(handler) = shared.handler() {
-                break handler;
-            }
-            tokio::select! {
-                _ = token.cancelled() => return,
-                _ = registered => {}
-            }
+        let Some(handler) = shared.wait_for_handler(&token).await else {
+            return;
         };
         let turn = shared.delivering.clone().lock_owned().await;
         if batch.journal.is_some() {
-            // In a task of its own: a stop aborts this loop, not the handler call in flight,
-            // which is then marked handled in the journal when it settles.
-            let delivering = {
-                let shared = shared.clone();
-                let token = token.clone();
-                tokio::spawn(
-                    async move {
-                        let _turn = turn;
-                        deliver_batch(&shared, handler, batch, token).await;
-                    }
-                    .in_current_span(),
-                )
-            };
-            let _ = delivering.await;
+            deliver_detached(&shared, handler, batch, token.clone(), turn).await;
         } else {
             deliver_batch(&shared, handler, batch, token.clone()).await;
             drop(turn);
         }
         shared.in_queue.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Hands a journaled batch over in a task of its own, holding `turn` until it is done: a
+/// stop aborts the caller's loop, not the handler call in flight, which is then marked
+/// handled in the journal when it settles.
+async fn deliver_detached(
+    shared: &Arc<Shared>,
+    handler: Arc<dyn Handler>,
+    batch: Batch,
+    token: CancellationToken,
+    turn: tokio::sync::OwnedMutexGuard<()>,
+) {
+    let shared = shared.clone();
+    let delivering = tokio::spawn(
+        async move {
+            let _turn = turn;
+            deliver_batch(&shared, handler, batch, token).await;
+        }
+        .in_current_span(),
+    );
+    let _ = delivering.await;
 }
 
 /// Sends a batch to the delivery loop (waiting while the queue is full); false when the

@@ -27,7 +27,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{Batch, Shared, deliver_batch};
+use super::{Batch, Shared, deliver_batch, deliver_detached};
 use crate::core::journal::{
     Entry, GroupUpdate, Incoming, Journal, JournalConfig, Recorded, Source, State,
 };
@@ -424,15 +424,8 @@ pub(super) async fn backlog_loop(shared: Arc<Shared>, token: CancellationToken) 
                 _ = ready => continue,
             }
         };
-        let handler = loop {
-            let registered = shared.handler_set.notified();
-            if let Some(handler) = shared.handler() {
-                break handler;
-            }
-            tokio::select! {
-                _ = token.cancelled() => return,
-                _ = registered => {}
-            }
+        let Some(handler) = shared.wait_for_handler(&token).await else {
+            return;
         };
         let turn = tokio::select! {
             _ = token.cancelled() => return,
@@ -450,19 +443,8 @@ pub(super) async fn backlog_loop(shared: Arc<Shared>, token: CancellationToken) 
             }),
             ..Batch::of(vec![message], ack)
         };
-        let delivering = {
-            let shared = shared.clone();
-            let token = token.clone();
-            tokio::spawn(
-                async move {
-                    let _turn = turn;
-                    deliver_batch(&shared, handler, batch, token).await;
-                }
-                .in_current_span(),
-            )
-        };
         // Aborted on stop: the handler call goes on in its task and is marked when it settles.
-        let _ = delivering.await;
+        deliver_detached(&shared, handler, batch, token.clone(), turn).await;
     }
 }
 
