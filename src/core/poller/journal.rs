@@ -121,7 +121,7 @@ impl Backlog {
         };
     }
 
-    pub fn push(&self, entry: Entry) {
+    pub(super) fn push(&self, entry: Entry) {
         {
             let mut state = lock(&self.state);
             if state.spilled || state.memory.len() >= IN_MEMORY {
@@ -144,12 +144,18 @@ impl Backlog {
         state.memory.is_empty() && !state.spilled
     }
 
+    /// An entry handed over the short way: never read back from the journal.
+    fn taken(&self, seq: i64) {
+        let mut state = lock(&self.state);
+        state.last_taken = state.last_taken.max(seq);
+    }
+
     fn last_taken(&self) -> i64 {
         lock(&self.state).last_taken
     }
 
     /// The next entry, reading the journal when memory ran dry; `None` when there is none.
-    async fn next(&self, journal: &Journal) -> Option<Entry> {
+    pub(super) async fn next(&self, journal: &Journal) -> Option<Entry> {
         loop {
             let (after, boot_max) = {
                 let mut state = lock(&self.state);
@@ -316,6 +322,7 @@ pub(super) async fn offer(
             let seq = *seq;
             match short {
                 Some((handler, token, turn)) => {
+                    journaling.backlog.taken(seq);
                     let batch = Batch {
                         journal: Some(Journaled {
                             journal,

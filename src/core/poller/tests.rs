@@ -1549,6 +1549,56 @@ mod journaled {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_backlog_spills_to_the_journal_and_gives_each_entry_once_in_order() {
+        use crate::core::journal::{Entry, State};
+        let scratch = Scratch::new();
+        let journal = scratch.open();
+        let backlog = self::super::journal::Backlog::default();
+        let record = |range: std::ops::Range<u32>| {
+            let journal = journal.clone();
+            async move {
+                let items: Vec<Incoming> = range
+                    .map(|i| Incoming {
+                        source: Source::Stream,
+                        message: message_with(&format!("s{i}"), "x", i),
+                    })
+                    .collect();
+                let messages: Vec<ConduitMessage> =
+                    items.iter().map(|i| i.message.clone()).collect();
+                let recorded = journal.record(items, Vec::new(), false).await.unwrap();
+                messages
+                    .into_iter()
+                    .zip(recorded)
+                    .map(|(message, r)| match r {
+                        Recorded::Pending(seq) => Entry {
+                            seq,
+                            source: Source::Stream,
+                            state: State::Received,
+                            message,
+                        },
+                        Recorded::Handled => unreachable!(),
+                    })
+                    .collect::<Vec<_>>()
+            }
+        };
+        // Past memory at once, then more while it is being read.
+        for entry in record(0..600).await {
+            backlog.push(entry);
+        }
+        let mut got = Vec::new();
+        while let Some(entry) = backlog.next(&journal).await {
+            got.push(entry.message.id);
+            if got.len() == 300 {
+                for entry in record(600..700).await {
+                    backlog.push(entry);
+                }
+            }
+        }
+        let want: Vec<String> = (0..700).map(|i| format!("s{i}")).collect();
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn what_the_journal_holds_comes_first_in_order_flagged_when_started() {
         let scratch = Scratch::new();
         {
