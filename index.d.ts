@@ -158,6 +158,16 @@ export interface RuntimeConfig {
   /** Where this runtime's log records go; default the logger given to `setLogger`, else
    * stderr. */
   logger?: Logger | LogFunction | null;
+  /** The journal: a SQLite file (one per agent) where every message the runtime takes is
+   * recorded before it counts as received and marked handled once its handler settles, so
+   * nothing is lost across `stop()`, a crash or a restart, and a restart neither re-handles
+   * what was handled nor skips group mentions posted while nothing ran. A path (relative to
+   * the working directory), or `false` for none. Default: `<CLEO_DIR>/runtime/<agentId>.db`
+   * when `CLEO_DIR` is set, else `<cwd>/.cleo/runtime/<agentId>.db` when `<cwd>/.cleo`
+   * exists, else none (delivery state in memory only). One running runtime per journal: a
+   * second one rejects. A message offered again after a crash in the middle of its handler
+   * carries `metadata.redelivered: true`. */
+  journal?: string | false;
 }
 
 /** What `createRuntime` resolves to. */

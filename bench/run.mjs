@@ -25,9 +25,9 @@
  *                       repetitions, a 10 s idle window, one 8 s scale window.
  *   BENCH_IDLE_SECONDS  the idle window (default 60, or 10 when quick).
  *   BENCH_ONLY          comma-separated scenarios to run: sse, local, groups, throughput,
- *                       idle, scale, stop; `throughput` and `scale` run both transport
- *                       semantics, `throughput:peek`, `throughput:since`, `scale:peek` and
- *                       `scale:since` one of them. Default all.
+ *                       journal, idle, scale, stop; `throughput` and `scale` run both
+ *                       transport semantics, `throughput:peek`, `throughput:since`,
+ *                       `scale:peek` and `scale:since` one of them. Default all.
  */
 import { spawn, execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
@@ -226,10 +226,36 @@ async function roundTrips(url, n, headers = {}) {
 
 const AGENT_KEY = (id) => `key-${id}`;
 
+/**
+ * Waits (10 s at most) until the server has no stream open. A child starts once it sees a
+ * stream open on the server, which counts every agent's streams: a previous child's stream
+ * not closed yet (a loaded machine) would pass for its own, and the messages sent before its
+ * own opened were lost to the run.
+ */
+async function noStreamsOpen(server) {
+  for (const t = nowMs(); (await server.control('/stats')).streams > 0 && nowMs() - t < 10_000;) await sleep(20);
+}
+
 async function scenarioSse(server) {
+  const drive = sseDriver(server);
+  const run = async (impl, name, count = PLAN.sseMessages) => {
+    const agentId = `sse-${name}`;
+    await noStreamsOpen(server);
+    return runChild(impl, 'sse', {
+      url: server.url, agentId, apiKey: AGENT_KEY(agentId), count,
+    }, { onReady: () => drive(agentId, count) });
+  };
+  // Warm the server's send and push path up first (its JIT), so the first one measured is
+  // not also the one that pays for that.
+  await run('none', 'floor', Math.min(2000, PLAN.sseMessages));
+  return { floor: await run('none', 'floor'), ...(await both(run)) };
+}
+
+/** Sends direct messages to `agentId` at PLAN.sseRate from here, each stamped with its send time. */
+function sseDriver(server) {
   // Sends at a steady rate from here; the stamp goes into the content just before the
   // request leaves, so the figure includes this driver → server hop (see the floor).
-  const drive = async (agentId, count) => {
+  return async (agentId, count) => {
     const agent = new http.Agent({ keepAlive: true, maxSockets: 8 });
     const send = (i) => request(`${server.controlUrl}/send`, {
       method: 'POST', agent, body: { from: 'bob', to: agentId, content: JSON.stringify({ t: nowMs(), i }) },
@@ -246,20 +272,33 @@ async function scenarioSse(server) {
     agent.destroy();
     return { sent: i, seconds: (nowMs() - t0) / 1000, rate: i / ((nowMs() - t0) / 1000) };
   };
-  const run = async (impl, name, count = PLAN.sseMessages) => {
-    const agentId = `sse-${name}`;
-    // The child starts once it sees a stream open on the server, which counts every agent's
-    // streams: a previous child's stream not closed yet (a loaded machine) would pass for its
-    // own, and the messages sent before its own opened were lost to the run.
-    for (const t = nowMs(); (await server.control('/stats')).streams > 0 && nowMs() - t < 10_000;) await sleep(20);
-    return runChild(impl, 'sse', {
-      url: server.url, agentId, apiKey: AGENT_KEY(agentId), count,
-    }, { onReady: () => drive(agentId, count) });
-  };
-  // Warm the server's send and push path up first (its JIT), so the first one measured is
-  // not also the one that pays for that.
-  await run('none', 'floor', Math.min(2000, PLAN.sseMessages));
-  return { floor: await run('none', 'floor'), ...(await both(run)) };
+}
+
+/**
+ * Journal on vs off (issue 14), native only, in the same run: the SSE scenario (latency) and
+ * the burst through a JS transport (throughput), each with `journal: false` and with a
+ * journal in a temporary directory. Aim: on within 10 % of off.
+ */
+async function scenarioJournal(server, sseDrive) {
+  const dir = mkdtempSync(join(os.tmpdir(), 'cleo-bench-journal-'));
+  try {
+    const out = { sse: {}, throughput: { on: [], off: [] } };
+    for (const [mode, journal] of [['off', false], ['on', join(dir, 'sse.db')]]) {
+      const agentId = `sse-journal-${mode}`;
+      await server.control('/add-agent', { id: agentId, key: AGENT_KEY(agentId) });
+      await noStreamsOpen(server);
+      out.sse[mode] = await runChild(IMPLS.native, 'sse', {
+        url: server.url, agentId, apiKey: AGENT_KEY(agentId), count: PLAN.sseMessages, journal,
+      }, { onReady: () => sseDrive(agentId, PLAN.sseMessages) });
+    }
+    for (let rep = 0; rep < PLAN.burstReps; rep++) {
+      out.throughput.off.push(await runChild(IMPLS.native, 'throughput', { count: PLAN.burst, pollIntervalMs: 1, journal: false }));
+      out.throughput.on.push(await runChild(IMPLS.native, 'throughput', { count: PLAN.burst, pollIntervalMs: 1, journal: join(dir, `burst-${rep}.db`) }));
+    }
+    return out;
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 }
 
 async function scenarioLocal() {
@@ -454,6 +493,17 @@ function buildRows(r) {
     rows.push(row(burst, 'peak RSS added', 'MiB', peak(t.native), peak(t.baseline), peak(t.floor), semantics === 'peek' ? { ratioMax: 1 } : null, 'lower', 'VmHWM − RSS before start'));
     rows.push(row(burst, 'duplicate messages polled', '', dup(t.native), dup(t.baseline), dup(t.floor), null, 'lower', 'rows a poll() returned again before their ack'));
   }
+  if (r.journal) {
+    // Journal on in the native column, off in the baseline column: ratio = on ÷ off.
+    const j = r.journal;
+    const lat = (run, p) => get(run, (x) => (x.received === PLAN.sseMessages ? x.latencyMs[p] : null));
+    const label = 'J journal on ÷ off (native)';
+    const note = 'native column: journal on; base column: journal off';
+    rows.push(row(label, `SSE latency p50 @${PLAN.sseRate}/s`, 'ms', lat(j.sse.on, 'p50'), lat(j.sse.off, 'p50'), null, { ratioMax: 1.1 }, 'lower', note));
+    rows.push(row(label, `SSE latency p99 @${PLAN.sseRate}/s`, 'ms', lat(j.sse.on, 'p99'), lat(j.sse.off, 'p99'), null, { ratioMax: 1.1 }, 'lower', note));
+    const rate = (runs) => med(runs, (x) => (x.handled === x.count ? x.msgsPerSec : null));
+    rows.push(row(label, `burst of ${PLAN.burst.toLocaleString('en-US')} via JS transport`, 'msg/s', rate(j.throughput.on), rate(j.throughput.off), null, { ratioMin: 0.9 }, 'higher', note));
+  }
   if (r.idle) {
     const i = r.idle;
     const cpu = (k) => get(i[k], (x) => x.cpuPercent);
@@ -532,6 +582,7 @@ async function main() {
     await step('local', () => scenarioLocal());
     await step('groups', () => scenarioGroups(server));
     for (const semantics of SEMANTICS) await step('throughput', () => scenarioThroughput(semantics), semantics);
+    await step('journal', () => scenarioJournal(server, sseDriver(server)));
     await step('idle', () => scenarioIdle(server));
     for (const semantics of SEMANTICS) await step('scale', () => scenarioScale(semantics), semantics);
     await step('stop', () => scenarioStop(server));

@@ -123,7 +123,7 @@ function plainSseReader(streamUrl, agentId, apiKey, onMessage) {
 // --------------------------------------------------------------------------- scenarios
 
 const scenarios = {
-  async sse({ url, agentId, apiKey, count, timeoutMs = 60_000 }) {
+  async sse({ url, agentId, apiKey, count, timeoutMs = 60_000, journal }) {
     const impl = await load();
     const latencies = [];
     const end = deadline(timeoutMs);
@@ -136,6 +136,8 @@ const scenarios = {
     if (impl) {
       const handle = await impl.createRuntime(registryOf(credential(agentId, apiKey, url)), {
         agentId, sseEndpoint: `${url}/messages/stream`, heartbeatIntervalMs: 0, maxKeyAgeMs: 0,
+        // The journal comparison (issue 14): a path, or false; absent for the baseline.
+        ...(journal !== undefined ? { journal } : {}),
       });
       handle.poller.onMessage(onMessage);
       handle.poller.start();
@@ -203,7 +205,7 @@ const scenarios = {
     result({ groupsDelivered: seenGroups.size, timedOut: end.state.timedOut, cycleMs: last - t0 });
   },
 
-  async throughput({ count, pollIntervalMs = 1, semantics = 'since', timeoutMs = 120_000 }) {
+  async throughput({ count, pollIntervalMs = 1, semantics = 'since', timeoutMs = 120_000, journal }) {
     const impl = await load();
     const transport = new MemoryTransport(count, { semantics });
     let handled = 0;
@@ -217,7 +219,16 @@ const scenarios = {
     const cpu0 = process.cpuUsage();
     const t0 = nowMs();
     let poller = null;
-    if (impl) {
+    let handle = null;
+    if (impl && journal !== undefined) {
+      // The journal comparison: a runtime (the journal is a runtime option) over the same
+      // transport, journal on (a path) or off (false).
+      handle = await impl.createRuntime(registryOf(credential('alice', 'k', 'http://127.0.0.1:9')), {
+        agentId: 'alice', pollIntervalMs, transport, heartbeatIntervalMs: 0, maxKeyAgeMs: 0, journal,
+      });
+      poller = handle.poller;
+      poller.onMessage(handler);
+    } else if (impl) {
       poller = new impl.AgentPoller({
         agentId: 'alice', apiKey: 'k', apiBaseUrl: 'http://127.0.0.1:9', pollIntervalMs, transport,
       });
@@ -235,7 +246,8 @@ const scenarios = {
     const elapsedMs = (last || nowMs()) - t0;
     const cpuMs = cpuMsSince(cpu0);
     const status = poller?.status();
-    poller?.stop();
+    if (handle) handle.stop();
+    else poller?.stop();
     const hwm = procStatus().vmHwmKiB;
     result({
       count, semantics, handled, timedOut: end.state.timedOut, elapsedMs,

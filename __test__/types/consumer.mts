@@ -73,6 +73,9 @@ class MyLocalTransport implements Transport {
 // `cleo agent start <id>`
 export async function agentStart(registry: AgentRegistryAPI, agentId: string): Promise<void> {
   const config: RuntimeConfig = { agentId, pollIntervalMs: 5000, heartbeatIntervalMs: 30000, groupConversationIds: ['general'] };
+  const durable: RuntimeConfig = { agentId, journal: `.cleo/runtime/${agentId}.db` };
+  const inMemory: RuntimeConfig = { agentId, journal: false };
+  void [durable, inMemory];
   const handle: RuntimeHandle = await createRuntime(registry, config);
   handle.poller.onMessage(async (msg) => {
     const line: string = `${msg.from}: ${msg.content} (${msg.threadId ?? '-'}, ${msg.timestamp})`;

@@ -7,7 +7,7 @@
 //! a field of the wrong type, or content over [`MAX_CONTENT_BYTES`] is a [`MapError`], so
 //! the caller skips the row and counts it instead of handing garbage to a handler.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::clock;
@@ -18,7 +18,7 @@ use super::rows::UNPARSEABLE;
 pub const MAX_CONTENT_BYTES: usize = 1024 * 1024;
 
 /// A message as handlers receive it (the `ConduitMessage` of `@cleocode/contracts`).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConduitMessage {
     pub id: String,

@@ -15,6 +15,8 @@
 //!   object, a native transport and a test fake are interchangeable.
 //! - One module per service: [`poller`] (with its final acks), [`heartbeat`],
 //!   [`key_rotation`], [`sse`].
+//! - [`journal`]: the per-agent SQLite journal that makes delivery survive a stop, a crash
+//!   and a restart (unhandled messages, dedup state, group read positions).
 //! - [`runtime`]: the composition root: which transport and services a credential and a
 //!   config make (a pure plan), started around one credential store and one REST client,
 //!   with the bridges between them, and stopped in order.
@@ -28,6 +30,7 @@ pub mod dedup;
 pub mod delivery;
 pub mod error;
 pub mod heartbeat;
+pub mod journal;
 pub mod key_rotation;
 pub mod local;
 pub mod mention;

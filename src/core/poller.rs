@@ -40,6 +40,7 @@ use serde_json::Value;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::clock;
 use super::credentials::Credentials;
@@ -51,6 +52,11 @@ use super::message::{self, ConduitMessage};
 use super::sync::lock;
 use super::task::{NotDone, RunningTask};
 use super::transport::{DirectSource, GroupFeed, Page};
+
+mod journal;
+
+use self::journal::{JournalState, Journaled, Phase};
+use super::journal::{GroupUpdate, Journal, JournalConfig, Source};
 
 /// Direct messages asked for per poll (API.md: `limit: 50`).
 pub const DIRECT_PAGE: u32 = 50;
@@ -172,6 +178,8 @@ struct Batch {
     /// For a page of direct messages: counted in [`Shared::direct_unacked`] until handled and
     /// acked, or dropped with the queue.
     unacked: Option<Unacked>,
+    /// Where the messages are in the journal, with one.
+    journal: Option<Journaled>,
 }
 
 impl Batch {
@@ -181,6 +189,7 @@ impl Batch {
             ack,
             answer: None,
             unacked: None,
+            journal: None,
         }
     }
 
@@ -275,7 +284,7 @@ struct Shared {
     queue: Mutex<Option<mpsc::Sender<Batch>>>,
     /// Held by whoever is handing a batch to the handler: the delivery loop, or
     /// [`Poller::offer`] taking the short way when nothing else is waiting.
-    delivering: tokio::sync::Mutex<()>,
+    delivering: Arc<tokio::sync::Mutex<()>>,
     /// Batches sent to the queue and not yet delivered.
     in_queue: AtomicUsize,
     /// The delivery loop's token, for deliveries made outside it.
@@ -283,11 +292,17 @@ struct Shared {
     /// The agent's keys, scrubbed from every error text: a handler's error or a JS
     /// transport's can quote the key.
     secrets: Option<Arc<Credentials>>,
+    /// The journal, when the poller keeps one (see [`journal`]).
+    journaling: Option<JournalState>,
+    /// The tokio runtime the loops run on, for work a `stop()` leaves behind.
+    runtime: Mutex<Option<tokio::runtime::Handle>>,
 }
 
 struct Running {
     poll: RunningTask,
     delivery: RunningTask,
+    /// The journal's backlog loop, with a journal.
+    backlog: Option<RunningTask>,
 }
 
 /// A poller. Cheap to share; `start`/`stop` are idempotent.
@@ -328,11 +343,13 @@ impl Poller {
                 resumed: Mutex::new(None),
                 pending_acks: Mutex::new(Vec::new()),
                 acking: tokio::sync::Mutex::new(()),
-                delivering: tokio::sync::Mutex::new(()),
+                delivering: Arc::new(tokio::sync::Mutex::new(())),
                 in_queue: AtomicUsize::new(0),
                 delivery_token: Mutex::new(None),
                 queue: Mutex::new(None),
                 secrets: None,
+                journaling: None,
+                runtime: Mutex::new(None),
             }),
             running: Mutex::new(None),
             span: tracing::Span::current(),
@@ -345,6 +362,20 @@ impl Poller {
             shared.secrets = Some(credentials);
         }
         self
+    }
+
+    /// Keeps delivery state in the journal at `config.path` (`journal`: that journal, already
+    /// open; reopened from `config` on a start after a stop). See [`journal`].
+    pub fn with_journal(mut self, config: JournalConfig, journal: Option<Arc<Journal>>) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.journaling = Some(JournalState::new(config, journal));
+        }
+        self
+    }
+
+    /// The journal in use, if any.
+    pub fn journal(&self) -> Option<Arc<Journal>> {
+        self.shared.journal()
     }
 
     /// The span the poller's loops run in.
@@ -383,9 +414,18 @@ impl Poller {
         let shared = self.shared.clone();
         let delivery = RunningTask::spawn(|token| delivery_loop(shared, rx, token));
         *lock(&self.shared.delivery_token) = Some(delivery.token().clone());
+        *lock(&self.shared.runtime) = Some(tokio::runtime::Handle::current());
+        let backlog = self.shared.journaling.as_ref().map(|_| {
+            let shared = self.shared.clone();
+            RunningTask::spawn(|token| journal::backlog_loop(shared, token))
+        });
         let shared = self.shared.clone();
         let poll = RunningTask::spawn(|token| poll_loop(shared, tx, token));
-        *running = Some(Running { poll, delivery });
+        *running = Some(Running {
+            poll,
+            delivery,
+            backlog,
+        });
         true
     }
 
@@ -399,6 +439,10 @@ impl Poller {
         lock(&self.shared.delivery_token).take();
         running.poll.stop();
         running.delivery.stop();
+        if let Some(backlog) = running.backlog {
+            backlog.stop();
+        }
+        journal::close_after_stop(&self.shared, lock(&self.shared.runtime).clone());
         // Their cycle will not run: dropping them tells the callers so.
         lock(&self.shared.poll_waiters).clear();
         lock(&self.shared.resumed).take();
@@ -468,6 +512,16 @@ impl Poller {
         let Some(queue) = lock(&self.shared.queue).clone() else {
             return false;
         };
+        // With a journal: recorded, and handed over from there (see [`journal`]).
+        let message = match (&self.shared.journaling, self.shared.journal()) {
+            (Some(journaling), Some(journal)) => {
+                match journal::offer(&self.shared, journaling, journal, message).await {
+                    Ok(taken) => return taken,
+                    Err(message) => message,
+                }
+            }
+            _ => message,
+        };
         let key = message.dedup_key().to_owned();
         let messages = self.shared.fresh(vec![message]);
         if messages.is_empty() {
@@ -522,6 +576,20 @@ impl Shared {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The handler, once there is one; `None` when `token` is cancelled first.
+    async fn wait_for_handler(&self, token: &CancellationToken) -> Option<Arc<dyn Handler>> {
+        loop {
+            let registered = self.handler_set.notified();
+            if let Some(handler) = self.handler() {
+                return Some(handler);
+            }
+            tokio::select! {
+                _ = token.cancelled() => return None,
+                _ = registered => {}
+            }
+        }
     }
 
     fn record_error(&self, track: &str, err: &Error) {
@@ -678,6 +746,23 @@ struct GroupTrack {
     not_before: Option<Instant>,
 }
 
+impl GroupTrack {
+    /// A track going on from a position stored in the journal.
+    fn resumed(position: super::journal::GroupPosition) -> Self {
+        let mut known = SeenWindow::new(GROUP_ROWS_REMEMBERED);
+        for key in &position.known {
+            known.insert(key);
+        }
+        Self {
+            known: Arc::new(known),
+            primed: true,
+            floor_ms: position.floor_ms,
+            newest_ms: position.newest_ms,
+            not_before: None,
+        }
+    }
+}
+
 impl Default for GroupTrack {
     fn default() -> Self {
         Self {
@@ -708,6 +793,21 @@ async fn poll_loop(shared: Arc<Shared>, queue: mpsc::Sender<Batch>, token: Cance
         direct_limit: DIRECT_PAGE,
         ..Tracks::default()
     };
+    // With a journal: what it held is handed over before the first poll, and each group
+    // conversation goes on from where the last runtime read it.
+    if let Some(journaling) = &shared.journaling {
+        let mut phase = journaling.phase.subscribe();
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = phase.wait_for(|p| *p == Phase::Live) => {}
+        }
+        let positions = lock(&journaling.groups).take().unwrap_or_default();
+        for (id, position) in positions {
+            if shared.config.group_conversation_ids.contains(&id) {
+                tracks.groups.insert(id, GroupTrack::resumed(position));
+            }
+        }
+    }
     let mut direct_due = start;
     let mut groups_due = start;
     // A requested poll under way: its cycles run every track, until a page is not full.
@@ -972,9 +1072,13 @@ async fn cycle(
                     _ => None,
                 };
                 outcome.full |= full;
-                if !fresh.is_empty() && !enqueue(shared, queue, Batch::direct(shared, fresh)).await
-                {
-                    return CycleOutcome::default();
+                if !fresh.is_empty() {
+                    let batch = Batch::direct(shared, fresh);
+                    let batch =
+                        journal::record_batch(shared, batch, Source::Direct, Vec::new()).await;
+                    if !batch.messages.is_empty() && !enqueue(shared, queue, batch).await {
+                        return CycleOutcome::default();
+                    }
                 }
             }
             Err(err) => {
@@ -992,6 +1096,9 @@ async fn cycle(
     }
 
     let mut group_messages = Vec::new();
+    // The conversations' new read positions, for the journal (written with the mentions).
+    let keep_positions = shared.journaling.is_some();
+    let mut positions = Vec::new();
     for (id, result) in groups {
         let track = tracks.groups.entry(id.clone()).or_default();
         match result {
@@ -1000,6 +1107,7 @@ async fn cycle(
                 // Only rows never read before are new (the first read takes the whole page),
                 // and only they are mapped and counted; rows older than the first page are
                 // history. Rows sharing the floor's second may be new: they are taken.
+                let before = (track.primed, track.newest_ms, track.floor_ms);
                 if !track.primed {
                     track.floor_ms = rows.iter().filter_map(row_created_ms).min();
                 }
@@ -1008,10 +1116,15 @@ async fn cycle(
                     .max(rows.iter().filter_map(row_created_ms).max());
                 let known = Arc::make_mut(&mut track.known);
                 let (primed, floor) = (track.primed, track.floor_ms);
+                let mut new_rows = Vec::new();
                 let new: Vec<&Value> = rows
                     .iter()
                     .filter(|row| {
-                        let unread = known.insert(&row_key(row));
+                        let key = row_key(row);
+                        let unread = known.insert(&key);
+                        if unread && keep_positions {
+                            new_rows.push(key);
+                        }
                         !primed
                             || (unread
                                 && floor.is_none_or(|floor| {
@@ -1020,6 +1133,16 @@ async fn cycle(
                     })
                     .collect();
                 track.primed = true;
+                // Written when it moved: not on every read of a quiet conversation.
+                let moved = before != (true, track.newest_ms, track.floor_ms);
+                if keep_positions && (moved || !new_rows.is_empty()) {
+                    positions.push(GroupUpdate {
+                        conversation: id.clone(),
+                        newest_ms: track.newest_ms,
+                        floor_ms: track.floor_ms,
+                        new_rows,
+                    });
+                }
                 // Newest first on the wire; oldest first to the handler.
                 for row in new.into_iter().rev() {
                     match message::from_rest_row(row, Some(&id)) {
@@ -1045,7 +1168,9 @@ async fn cycle(
         }
     }
     let fresh = shared.fresh(group_messages);
-    if !fresh.is_empty() && !enqueue(shared, queue, Batch::of(fresh, false)).await {
+    let batch =
+        journal::record_batch(shared, Batch::of(fresh, false), Source::Group, positions).await;
+    if !batch.messages.is_empty() && !enqueue(shared, queue, batch).await {
         return CycleOutcome::default();
     }
     outcome.more = more;
@@ -1156,20 +1281,39 @@ async fn delivery_loop(
             continue;
         }
         // A message pushed before any handler exists waits here for one: never dropped.
-        let handler = loop {
-            let registered = shared.handler_set.notified();
-            if let Some(handler) = shared.handler() {
-                break handler;
-            }
-            tokio::select! {
-                _ = token.cancelled() => return,
-                _ = registered => {}
-            }
+        let Some(handler) = shared.wait_for_handler(&token).await else {
+            return;
         };
-        let _turn = shared.delivering.lock().await;
-        deliver_batch(&shared, handler, batch, token.clone()).await;
+        let turn = shared.delivering.clone().lock_owned().await;
+        if batch.journal.is_some() {
+            deliver_detached(&shared, handler, batch, token.clone(), turn).await;
+        } else {
+            deliver_batch(&shared, handler, batch, token.clone()).await;
+            drop(turn);
+        }
         shared.in_queue.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Hands a journaled batch over in a task of its own, holding `turn` until it is done: a
+/// stop aborts the caller's loop, not the handler call in flight, which is then marked
+/// handled in the journal when it settles.
+async fn deliver_detached(
+    shared: &Arc<Shared>,
+    handler: Arc<dyn Handler>,
+    batch: Batch,
+    token: CancellationToken,
+    turn: tokio::sync::OwnedMutexGuard<()>,
+) {
+    let shared = shared.clone();
+    let delivering = tokio::spawn(
+        async move {
+            let _turn = turn;
+            deliver_batch(&shared, handler, batch, token).await;
+        }
+        .in_current_span(),
+    );
+    let _ = delivering.await;
 }
 
 /// Sends a batch to the delivery loop (waiting while the queue is full); false when the
@@ -1195,8 +1339,28 @@ async fn deliver_batch(
         messages,
         ack,
         unacked,
+        journal,
         ..
     } = batch;
+    // With a journal: marked started before the first call (a crash from here on offers
+    // them again, flagged), and each marked handled as it settles.
+    let journaled = match journal {
+        Some(Journaled {
+            journal,
+            seqs,
+            started,
+        }) => {
+            if !started {
+                let mut order: Vec<i64> = seqs.values().copied().collect();
+                order.sort_unstable();
+                if let Err(err) = journal.start(order).await {
+                    tracing::error!(error = %err, "cannot mark messages started in the journal");
+                }
+            }
+            Some(Arc::new((journal, seqs)))
+        }
+        None => None,
+    };
     // Settled by id; remembered by dedup key where the two differ (group-message copies).
     let keys: HashMap<String, String> = messages
         .iter()
@@ -1214,6 +1378,7 @@ async fn deliver_batch(
         let shared = shared.clone();
         let unsettled = unsettled.clone();
         let keys = keys.clone();
+        let journaled = journaled.clone();
         Arc::new(move |id: &str, outcome: Outcome| {
             if !lock(&unsettled).remove(id) {
                 // Settled twice, or not of this batch: counted once.
@@ -1228,6 +1393,11 @@ async fn deliver_batch(
                     shared.stats.failed.fetch_add(1, Ordering::Relaxed)
                 }
             };
+            if let Some((journal, seqs)) = journaled.as_deref()
+                && let Some(seq) = seqs.get(id)
+            {
+                journal.settle(*seq);
+            }
             shared.settle(keys.get(id).map_or(id, String::as_str));
             if ack {
                 shared.owe_acks(vec![id.to_owned()]);
@@ -1236,6 +1406,10 @@ async fn deliver_batch(
     };
     handler.deliver(messages, settled, token.clone()).await;
     let left: Vec<String> = lock(&unsettled).drain().collect();
+    // Never handed over (stopped first): not "started" for the next runtime either.
+    if let Some((journal, seqs)) = journaled.as_deref() {
+        journal.unstart(left.iter().filter_map(|id| seqs.get(id).copied()).collect());
+    }
     if !left.is_empty() && !token.is_cancelled() {
         tracing::debug!(
             count = left.len(),
@@ -1246,7 +1420,9 @@ async fn deliver_batch(
             queued.remove(keys.get(id).map_or(id.as_str(), String::as_str));
         }
     }
-    if ack {
+    // After a stop, a call that was in flight settled: its ack is the final ack's business
+    // (or, missed, the next runtime's), never a transport call after stop() returned.
+    if ack && !token.is_cancelled() {
         // Acked: the server's window moved. Behind a full page, read the next one now; and
         // make a poll that was put off while this page was unacked (see
         // `Shared::defer_direct_poll`), counted down first so that it is not put off again.

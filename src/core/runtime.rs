@@ -4,7 +4,9 @@
 //! - [`Plan::resolve`] is pure: credential + settings + the local `signaldock.db` (when one
 //!   exists) → which transport, which realtime path, which services, which intervals. The
 //!   credential store ([`Credentials`]) is made here, once per runtime.
-//! - [`Runtime::start`] connects the transport and starts the services around that one
+//! - [`Runtime::start`] opens the journal first (the plan says where, or none: a journal in
+//!   use by another runtime fails the start before anything connects; the poller keeps its
+//!   delivery state there), then connects the transport and starts the services around that one
 //!   credential store and **one** REST client (so a rotated key and a failover reach every
 //!   REST call), plus the bridges between them: stream state → poller speed, stream messages
 //!   → poller, local commits → poll now, the caller's SSE transport → poller.
@@ -27,6 +29,7 @@ use url::Url;
 use super::credentials::{self, ApiKey, Credentials};
 use super::error::{Error, Result};
 use super::heartbeat::{DEFAULT_INTERVAL, Heartbeat};
+use super::journal::{self, JournalSetting};
 use super::key_rotation::{KeyRotation, KeyRotationConfig, Registry};
 use super::local::{self, LocalTransport};
 use super::message::ConduitMessage;
@@ -145,6 +148,8 @@ pub struct Settings {
     pub caller_transport: bool,
     /// `config.createSseTransport` was given.
     pub caller_stream: bool,
+    /// `config.journal`: a path, off, or the default location.
+    pub journal: JournalSetting,
 }
 
 /// The credential fields the runtime uses.
@@ -267,6 +272,9 @@ pub struct Plan {
     pub key_rotation: Option<KeyRotationConfig>,
     /// The endpoint as configured (relative or absolute), for the caller's stream.
     sse_endpoint: Option<String>,
+    /// Where the journal goes (see [`journal::resolve`]); opened by [`Runtime::start`]
+    /// before anything connects.
+    pub journal: JournalSetting,
 }
 
 impl Plan {
@@ -369,6 +377,7 @@ impl Plan {
             heartbeat,
             key_rotation,
             sse_endpoint,
+            journal: settings.journal.clone(),
         })
     }
 
@@ -452,6 +461,10 @@ impl Runtime {
     pub async fn start(plan: Plan, deps: Deps) -> std::result::Result<Self, StartError> {
         let credentials = plan.credentials.clone();
         let credential = &plan.credential;
+        // First, so a journal in use by another runtime fails before anything connects.
+        let journal = journal::open_for(&plan.journal, &credential.agent_id)
+            .await
+            .map_err(|e| plan.fail("journal", e))?;
         let mut rest: Option<Arc<SignalDock>> = None;
         let mut local = None;
         let direct = match &plan.transport {
@@ -497,10 +510,12 @@ impl Runtime {
             Some(rest) if !plan.poller.group_conversation_ids.is_empty() => Some(rest.clone()),
             _ => None,
         };
-        let poller = Arc::new(
-            Poller::new(plan.poller.clone(), direct.source(), groups)
-                .with_secrets(credentials.clone()),
-        );
+        let mut poller = Poller::new(plan.poller.clone(), direct.source(), groups)
+            .with_secrets(credentials.clone());
+        if let Some((config, journal)) = journal {
+            poller = poller.with_journal(config, Some(journal));
+        }
+        let poller = Arc::new(poller);
         // Started now, so nothing that arrives is lost; without a handler it only waits.
         poller.start();
         let mut bridges = Vec::new();

@@ -100,6 +100,32 @@ impl<'env> Fields<'env> {
         }
     }
 
+    /// Where the journal goes: a non-empty path, `false` for none; absent for the default
+    /// location (see [`crate::core::journal::resolve`]).
+    pub fn journal(&self, field: &str) -> Result<crate::core::journal::JournalSetting> {
+        use crate::core::journal::JournalSetting;
+        const WANT: &str = "a non-empty path string or false";
+        match self.raw(field)? {
+            None => Ok(JournalSetting::Default),
+            Some(v) if v.get_type()? == ValueType::Boolean => {
+                if unsafe { bool::from_napi_value(self.env.raw(), v.raw())? } {
+                    Err(self.fail(field, WANT, Some(ValueType::Boolean)))
+                } else {
+                    Ok(JournalSetting::Off)
+                }
+            }
+            Some(v) if v.get_type()? == ValueType::String => {
+                match unsafe { String::from_napi_value(self.env.raw(), v.raw())? } {
+                    path if path.is_empty() || path.contains('\0') => {
+                        Err(self.fail(field, WANT, None))
+                    }
+                    path => Ok(JournalSetting::Path(path.into())),
+                }
+            }
+            Some(v) => Err(self.fail(field, WANT, Some(v.get_type()?))),
+        }
+    }
+
     pub fn required_string(&self, field: &str) -> Result<String> {
         self.string(field)?
             .ok_or_else(|| self.fail(field, "a non-empty string", Some(ValueType::Undefined)))

@@ -365,6 +365,7 @@ pub fn start_runtime<'env>(
         sse_endpoint: fields.url("sseEndpoint", false)?,
         caller_transport: transport.is_some(),
         caller_stream: false,
+        journal: fields.journal("journal")?,
     };
     let create_sse_transport = match fields.function("createSseTransport")? {
         Some(f) => Some(Arc::new(JsStreamFactory::new(

@@ -1559,3 +1559,294 @@ async fn poll_now_and_wait_drains_a_page_of_ties_it_can_only_page_past_once_acke
     assert_eq!(r.handler.count(), 60);
     assert!(r.direct.pending_ids().is_empty());
 }
+
+// ---------------------------------------------------------------------------------------
+// The journal (real files, real time: the journal writes on a thread of its own)
+
+mod journaled {
+    use super::*;
+    use crate::core::journal::{Incoming, Recorded};
+
+    struct Scratch(std::path::PathBuf);
+
+    impl Scratch {
+        fn new() -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("cleo-poller-journal-{}", uuid::Uuid::new_v4()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+
+        fn config(&self) -> JournalConfig {
+            JournalConfig::new(self.0.join("alice.db"), "alice")
+        }
+
+        fn open(&self) -> Arc<Journal> {
+            // A journal a stopped poller is closing is waited for.
+            Journal::open(self.config()).unwrap()
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn journaled_rig(
+        scratch: &Scratch,
+        groups: &[&str],
+        limit: u32,
+        feed: Option<Arc<Groups>>,
+    ) -> Rig {
+        let mut config = PollerConfig::new("alice");
+        config.poll_interval = ms(50);
+        config.group_poll_limit = limit;
+        config.group_conversation_ids = strings(groups);
+        let direct = Direct::new();
+        let feed = feed.unwrap_or_else(Groups::new);
+        let poller = Poller::new(config, direct.clone(), Some(feed.clone()))
+            .with_journal(scratch.config(), Some(scratch.open()));
+        Rig {
+            poller,
+            direct,
+            groups: feed,
+            handler: Recorder::new(),
+            t0: Instant::now(),
+        }
+    }
+
+    async fn until(what: &str, condition: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while !condition() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(ms(5)).await;
+        }
+    }
+
+    fn redelivered(m: &ConduitMessage) -> bool {
+        m.metadata
+            .as_ref()
+            .and_then(|m| m.get("redelivered"))
+            .and_then(Value::as_bool)
+            == Some(true)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_backlog_spills_to_the_journal_and_gives_each_entry_once_in_order() {
+        use crate::core::journal::{Entry, State};
+        let scratch = Scratch::new();
+        let journal = scratch.open();
+        let backlog = self::super::journal::Backlog::default();
+        let record = |range: std::ops::Range<u32>| {
+            let journal = journal.clone();
+            async move {
+                let items: Vec<Incoming> = range
+                    .map(|i| Incoming {
+                        source: Source::Stream,
+                        message: message_with(&format!("s{i}"), "x", i),
+                    })
+                    .collect();
+                let messages: Vec<ConduitMessage> =
+                    items.iter().map(|i| i.message.clone()).collect();
+                let recorded = journal.record(items, Vec::new(), false).await.unwrap();
+                messages
+                    .into_iter()
+                    .zip(recorded)
+                    .map(|(message, r)| match r {
+                        Recorded::Pending(seq) => Entry {
+                            seq,
+                            source: Source::Stream,
+                            state: State::Received,
+                            message,
+                        },
+                        Recorded::Handled => unreachable!(),
+                    })
+                    .collect::<Vec<_>>()
+            }
+        };
+        // Past memory at once, then more while it is being read.
+        for entry in record(0..600).await {
+            backlog.push(entry);
+        }
+        let mut got = Vec::new();
+        while let Some(entry) = backlog.next(&journal).await {
+            got.push(entry.message.id);
+            if got.len() == 300 {
+                for entry in record(600..700).await {
+                    backlog.push(entry);
+                }
+            }
+        }
+        let want: Vec<String> = (0..700).map(|i| format!("s{i}")).collect();
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_the_journal_holds_comes_first_in_order_flagged_when_started() {
+        let scratch = Scratch::new();
+        {
+            // A runtime that died: s1 handled, s2 in its handler, s3 and d4 not yet.
+            let journal = scratch.open();
+            let recorded = journal
+                .record(
+                    vec![
+                        Incoming {
+                            source: Source::Stream,
+                            message: message_with("s1", "one", 1),
+                        },
+                        Incoming {
+                            source: Source::Stream,
+                            message: message_with("s2", "two", 2),
+                        },
+                        Incoming {
+                            source: Source::Stream,
+                            message: message_with("s3", "three", 3),
+                        },
+                        Incoming {
+                            source: Source::Direct,
+                            message: dm(4),
+                        },
+                    ],
+                    Vec::new(),
+                    false,
+                )
+                .await
+                .unwrap();
+            let seq = |i: usize| match recorded[i] {
+                Recorded::Pending(seq) => seq,
+                Recorded::Handled => unreachable!(),
+            };
+            journal.start(vec![seq(0), seq(1)]).await.unwrap();
+            journal.settle(seq(0));
+            journal.close();
+        }
+        let r = journaled_rig(&scratch, &[], 15, None);
+        // The server still offers d4 (not acked) and has d5.
+        r.direct.push(vec![dm(4), dm(5)]);
+        r.handle();
+        r.poller.start();
+        until("four calls", || r.handler.count() >= 4).await;
+        let calls: Vec<(String, bool)> = r
+            .handler
+            .calls()
+            .into_iter()
+            .map(|(_, m)| (m.id.clone(), redelivered(&m)))
+            .collect();
+        assert_eq!(
+            calls,
+            vec![
+                ("s2".to_owned(), true),
+                ("s3".to_owned(), false),
+                ("d4".to_owned(), false),
+                ("d5".to_owned(), false),
+            ]
+        );
+        until("d4 and d5 acked", || r.direct.pending_ids().is_empty()).await;
+        r.poller.stop();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_message_is_taken_without_waiting_and_a_stop_lets_the_call_in_flight_settle() {
+        let scratch = Scratch::new();
+        let mut r = journaled_rig(&scratch, &[], 15, None);
+        r.handle_with(Recorder::new().slow(ms(150)));
+        r.poller.start();
+        until("the journal taken over", || {
+            r.poller.shared.journaling.as_ref().unwrap().phase() == Phase::Live
+        })
+        .await;
+        let taken = std::time::Instant::now();
+        for i in 1..=5 {
+            assert!(
+                r.poller
+                    .offer(message_with(&format!("s{i}"), "pushed", i))
+                    .await
+            );
+        }
+        // Five offers against a 150 ms handler: recorded, not waited for.
+        assert!(
+            taken.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            taken.elapsed()
+        );
+        until("s2 called", || r.handler.count() >= 2).await;
+        r.poller.stop();
+        drop(r);
+
+        // The next poller waits for the journal while s2 settles, then goes on from s3.
+        let r = journaled_rig(&scratch, &[], 15, None);
+        r.handle();
+        r.poller.start();
+        until("s3..s5", || r.handler.count() >= 3).await;
+        let calls: Vec<(String, bool)> = r
+            .handler
+            .calls()
+            .into_iter()
+            .map(|(_, m)| (m.id.clone(), redelivered(&m)))
+            .collect();
+        assert_eq!(
+            calls,
+            vec![
+                ("s3".to_owned(), false),
+                ("s4".to_owned(), false),
+                ("s5".to_owned(), false)
+            ]
+        );
+        r.poller.stop();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_journaled_page_still_holds_back_polls_to_a_source_that_ignores_since() {
+        // The direct path's peek semantics with a journal: a page recorded in the journal is
+        // unacked as much as one without, so no poll lands while it is handled or acked.
+        let scratch = Scratch::new();
+        let mut r = journaled_rig(&scratch, &[], 15, None);
+        r.direct.with(|s| {
+            s.ignores_since = true;
+            s.ack_delay = ms(15);
+        });
+        r.direct.push(dms(1..=200));
+        r.handle_with(Recorder::new().slow(ms(1)));
+        r.poller.start();
+        until("200 acked", || r.direct.acked().len() >= 200).await;
+        assert_eq!(r.handler.ids(), names("d", 1..=200), "each once, in order");
+        let (repeats, during_ack, with_since) = r.direct.with(|s| {
+            (
+                s.repeats,
+                s.polls_during_ack,
+                s.polls.iter().filter(|p| p.since.is_some()).count(),
+            )
+        });
+        assert!(with_since <= 1, "{with_since} polls read ahead");
+        assert!(repeats <= 50, "{repeats} repeats");
+        assert_eq!(during_ack, 0, "no poll while an ack is under way");
+        r.poller.stop();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_conversation_goes_on_from_its_stored_position_past_a_page() {
+        let scratch = Scratch::new();
+        let r = journaled_rig(&scratch, &["g"], 5, None);
+        r.groups.add("g", mention_rows("g", 1..=3));
+        r.handle();
+        r.poller.start();
+        until("the first mentions", || r.handler.count() >= 3).await;
+        r.poller.stop();
+        let groups = r.groups.clone();
+        drop(r);
+        // Posted while nothing ran: more than two pages of 5.
+        groups.add("g", mention_rows("g", 4..=16));
+
+        let r = journaled_rig(&scratch, &["g"], 5, Some(groups));
+        r.handle();
+        r.poller.start();
+        until("13 new mentions", || r.handler.count() >= 13).await;
+        tokio::time::sleep(ms(200)).await;
+        assert_eq!(r.handler.ids(), names("g", 4..=16));
+        r.poller.stop();
+    }
+}

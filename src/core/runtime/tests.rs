@@ -16,6 +16,15 @@ fn credential(agent: &str, base: &str, config: Value) -> Credential {
     .expect("a credential")
 }
 
+/// Settings of a runtime that keeps no journal whatever `CLEO_DIR` says: the tests that
+/// start one stay off the developer's state directory.
+fn no_journal() -> Settings {
+    Settings {
+        journal: JournalSetting::Off,
+        ..Settings::default()
+    }
+}
+
 fn db() -> Option<PathBuf> {
     Some(PathBuf::from("/srv/project/.cleo/signaldock.db"))
 }
@@ -325,7 +334,7 @@ async fn a_runtime_over_the_callers_objects_delivers_once_and_hands_back_its_ack
     let settings = Settings {
         caller_transport: true,
         caller_stream: true,
-        ..Settings::default()
+        ..no_journal()
     };
     let plan = Plan::resolve(&credential, &settings, None).unwrap();
     assert!(!plan.rest, "no REST client on a local base");
@@ -428,7 +437,7 @@ async fn a_local_runtime_polls_on_commits_and_takes_its_handed_out_transport_bac
         &credential("bob", "local", json!({ "pollIntervalMs": 60_000 })),
         &Settings {
             max_key_age: Some(Duration::ZERO),
-            ..Settings::default()
+            ..no_journal()
         },
         Some(path.clone()),
     )
@@ -518,7 +527,7 @@ async fn the_native_stream_sets_the_pollers_pace_and_delivers_into_it() {
     let settings = Settings {
         caller_transport: true,
         max_key_age: Some(Duration::ZERO),
-        ..Settings::default()
+        ..no_journal()
     };
     let plan = Plan::resolve(&credential, &settings, None).unwrap();
     assert_eq!(plan.realtime, Realtime::Native(url));
@@ -565,4 +574,98 @@ async fn the_native_stream_sets_the_pollers_pace_and_delivers_into_it() {
     .await;
     runtime.stop(None).done.wait().await;
     assert_eq!(*lock(&handler.0), ["s1"], "once");
+}
+
+#[tokio::test]
+async fn the_journal_opens_before_anything_connects_and_keeps_the_pollers_state() {
+    let dir = std::env::temp_dir().join(format!("cleo-runtime-{}", uuid::Uuid::new_v4()));
+    let path = dir.join("runtime").join("bob.db");
+    let credential = credential("bob", "local", json!({ "pollIntervalMs": 20 }));
+    let settings = Settings {
+        caller_transport: true,
+        max_key_age: Some(Duration::ZERO),
+        journal: JournalSetting::Path(path.clone()),
+        ..Settings::default()
+    };
+    let plan = |settings: &Settings| Plan::resolve(&credential, settings, None).unwrap();
+    assert_eq!(plan(&settings).journal, JournalSetting::Path(path.clone()));
+    assert_eq!(plan(&Settings::default()).journal, JournalSetting::Default);
+    let start = |settings: &Settings, transport: Arc<FakeTransport>| {
+        Runtime::start(
+            plan(settings),
+            Deps {
+                registry: Arc::new(FakeRegistry::default()),
+                transport: Some(transport),
+                stream_factory: None,
+            },
+        )
+    };
+    let eventually = |what: &'static str, done: Box<dyn Fn() -> bool + Send>| async move {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while !done() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what}"));
+    };
+
+    let first = Arc::new(FakeTransport::default());
+    let runtime = start(&settings, first.clone()).await.unwrap();
+    assert_eq!(
+        runtime.poller().journal().map(|j| j.path().to_owned()),
+        Some(path.clone()),
+        "the poller keeps its state in the plan's journal"
+    );
+    // One runtime per journal: a second one fails before it connects anything.
+    let second = Arc::new(FakeTransport::default());
+    let Err(StartError::Failed(why)) = start(&settings, second.clone()).await else {
+        panic!("a second runtime on one journal");
+    };
+    assert!(why.starts_with("createRuntime: journal: "), "{why}");
+    assert!(lock(&second.connected).is_none(), "{why}");
+
+    // m1 is handled while its ack fails: the server offers it again after the restart, and
+    // the journal knows it was handled.
+    first
+        .refuse_acks
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let handler = Arc::new(Recorder::default());
+    runtime.poller().set_handler(handler.clone());
+    lock(&first.pages).push_back(vec![message("m1")]);
+    let seen = handler.clone();
+    eventually("m1 is handled", Box::new(move || lock(&seen.0).len() == 1)).await;
+    runtime.stop(None).done.wait().await;
+    drop(runtime);
+
+    let again = Arc::new(FakeTransport::default());
+    lock(&again.pages).push_back(vec![message("m1"), message("m2")]);
+    let restarted = start(&settings, again.clone()).await.unwrap();
+    let handler = Arc::new(Recorder::default());
+    restarted.poller().set_handler(handler.clone());
+    let seen = handler.clone();
+    eventually(
+        "m2 is handled",
+        Box::new(move || lock(&seen.0).contains(&"m2".to_owned())),
+    )
+    .await;
+    let acked = again.clone();
+    eventually(
+        "m1 is acked again, not handled again",
+        Box::new(move || lock(&acked.acked).contains(&"m1".to_owned())),
+    )
+    .await;
+    assert_eq!(*lock(&handler.0), ["m2"]);
+    restarted.stop(None).done.wait().await;
+
+    let off = Settings {
+        journal: JournalSetting::Off,
+        ..settings
+    };
+    let runtime = start(&off, Arc::new(FakeTransport::default()))
+        .await
+        .unwrap();
+    assert!(runtime.poller().journal().is_none(), "journal: false");
+    runtime.stop(None).done.wait().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
