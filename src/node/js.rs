@@ -37,7 +37,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{
@@ -57,7 +56,8 @@ const MAX_DEPTH: u32 = 64;
 const MAX_NODES: usize = 1_000_000;
 
 type Job = Box<dyn FnOnce(&Env) + Send>;
-type JobQueue = ThreadsafeFunction<Job, (), (), Status, false, false, QUEUE_SIZE>;
+/// Unbounded in Node-API terms: [`ThreadQueue`]'s permits bound it.
+type JobQueue = ThreadsafeFunction<Job, (), (), Status, false, false, 0>;
 
 /// Runs closures on the JS thread. Cheap to clone.
 ///
@@ -79,6 +79,10 @@ struct ThreadQueue {
     /// gets a new queue).
     env: usize,
     state: Mutex<Holders>,
+    /// One permit per job that may wait in the queue: a job takes one when queued and gives
+    /// it back when it has run, so callers wait for room here (backpressure), never in a
+    /// retry loop against a full queue.
+    room: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Default)]
@@ -104,6 +108,7 @@ impl ThreadQueue {
                     let queue = Arc::new(Self {
                         env: key,
                         state: Mutex::default(),
+                        room: Arc::new(tokio::sync::Semaphore::new(QUEUE_SIZE)),
                     });
                     *slot = Some(queue.clone());
                     queue
@@ -112,13 +117,18 @@ impl ThreadQueue {
         })
     }
 
-    /// Queues `job` without waiting; `Closing` when nothing holds the queue open.
-    fn call(&self, job: Job) -> Status {
+    /// Queues `job`, which holds `permit` until it has run; false when nothing holds the
+    /// queue open.
+    fn call(&self, permit: tokio::sync::OwnedSemaphorePermit, job: Job) -> bool {
         let queue = lock(&self.state).queue.clone();
-        match queue {
-            Some(queue) => queue.call(job, ThreadsafeFunctionCallMode::NonBlocking),
-            None => Status::Closing,
-        }
+        let Some(queue) = queue else {
+            return false;
+        };
+        let job: Job = Box::new(move |env: &Env| {
+            let _room = permit;
+            job(env);
+        });
+        queue.call(job, ThreadsafeFunctionCallMode::NonBlocking) == Status::Ok
     }
 }
 
@@ -148,7 +158,10 @@ impl JsThread {
 
     /// Queues `job` without waiting for room; false when the queue is full or closed.
     pub fn fire(&self, job: impl FnOnce(&Env) + Send + 'static) -> bool {
-        self.queue.call(self.in_span(job)) == Status::Ok
+        match self.queue.room.clone().try_acquire_owned() {
+            Ok(permit) => self.queue.call(permit, self.in_span(job)),
+            Err(_) => false,
+        }
     }
 
     /// Runs `job` on the JS thread and returns its result. Waits while the queue is full.
@@ -161,22 +174,9 @@ impl JsThread {
         let job: Job = self.in_span(move |env: &Env| {
             let _ = tx.send(job(env).map_err(|e| describe(&e)));
         });
-        // `call` consumes what it is given even when the queue is full, so it is given a
-        // cheap handle to the job; on `QueueFull` the job is still here to queue again.
-        let slot = Arc::new(Mutex::new(Some(job)));
-        loop {
-            let handle = slot.clone();
-            let status = self.queue.call(Box::new(move |env: &Env| {
-                let job = lock(&handle).take();
-                if let Some(job) = job {
-                    job(env);
-                }
-            }));
-            match status {
-                Status::Ok => break,
-                Status::QueueFull => pause(Duration::from_millis(1)).await,
-                _ => return Err(closing()),
-            }
+        let permit = self.queue.room.clone().acquire_owned().await;
+        if !permit.is_ok_and(|permit| self.queue.call(permit, job)) {
+            return Err(closing());
         }
         rx.await.map_err(|_| closing())?.map_err(CoreError::Js)
     }
@@ -189,7 +189,6 @@ fn job_queue(env: &Env) -> Result<JobQueue> {
     noop.build_threadsafe_function::<Job>()
         .callee_handled::<false>()
         .weak::<false>()
-        .max_queue_size::<QUEUE_SIZE>()
         .build_callback(move |ctx: ThreadsafeCallContext<Job>| {
             (ctx.value)(&ctx.env);
             Ok(())
@@ -1130,12 +1129,5 @@ pub fn type_error(env: &Env, message: impl AsRef<str>) -> Error {
     match env.throw_type_error(message, None) {
         Ok(()) => Error::new(Status::PendingException, message.to_owned()),
         Err(e) => e,
-    }
-}
-
-/// Waits `duration` unless it is zero; used to yield between retries.
-pub async fn pause(duration: Duration) {
-    if !duration.is_zero() {
-        tokio::time::sleep(duration).await;
     }
 }
