@@ -245,10 +245,20 @@ async function scenarioSse(server) {
       url: server.url, agentId, apiKey: AGENT_KEY(agentId), count,
     }, { onReady: () => drive(agentId, count) });
   };
-  // Warm the server's send and push path up first (its JIT), so the first one measured is
-  // not also the one that pays for that.
-  await run('none', 'floor', Math.min(2000, PLAN.sseMessages));
-  return { floor: await run('none', 'floor'), ...(await both(run)) };
+  // The frames in the snake_case shape (`message_id`, `from_agent_id`, …) that the baseline
+  // and the floor's reader parse; the server's default is the real server's camelCase shape,
+  // which the baseline reads without ids (it then drops messages as duplicates). The native
+  // runtime reads both.
+  const shape = (await server.control('/set', {})).sseShape;
+  await server.control('/set', { sseShape: 'snake' });
+  try {
+    // Warm the server's send and push path up first (its JIT), so the first one measured is
+    // not also the one that pays for that.
+    await run('none', 'floor', Math.min(2000, PLAN.sseMessages));
+    return { floor: await run('none', 'floor'), ...(await both(run)) };
+  } finally {
+    await server.control('/set', { sseShape: shape });
+  }
 }
 
 /** Sends direct messages to `agentId` at PLAN.sseRate from here, each stamped with its send time. */
