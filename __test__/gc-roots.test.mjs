@@ -231,4 +231,64 @@ describe('after stop() everything is collectable', () => {
     // tasks, connection slots and thread-safe functions: far more than this bound.
     expect(figures.rssGrowthMiB / 9000 * 1024).toBeLessThan(24);
   }, 660_000);
+
+  // What a stopped service held of the caller's (its JS transport, its handler) is released
+  // too, wherever the last native owner lets go: a stopped poller's loops are aborted on a
+  // tokio worker, which may drop the transport's reference after the wrapper was finalized
+  // and after the thread's job queue closed; that release used to be lost (the transport
+  // stayed referenced until the process ended). Counted with WeakRefs, not a
+  // FinalizationRegistry: V8 may collect a registry nothing reads any more together with
+  // its pending callbacks, which undercounts.
+  it('the JS transports and handlers of stopped runtimes and pollers are all collected', async () => {
+    const run = await runChild(`${prelude(sd.url)}
+      class Quiet { name = 'quiet'; async connect() {} async disconnect() {} async poll() { return []; } async ack() {} }
+      const transports = [];
+      const handlers = [];
+      const turn = () => new Promise((r) => setImmediate(r));
+      for (let i = 0; i < 1500; i++) {
+        const transport = new Quiet();
+        const handler = () => {};
+        transports.push(new WeakRef(transport));
+        handlers.push(new WeakRef(handler));
+        const h = await createRuntime(registry, { pollIntervalMs: 60_000, heartbeatIntervalMs: i % 2 ? 0 : 60_000, maxKeyAgeMs: 0, transport });
+        h.poller.onMessage(handler);
+        h.stop();
+      }
+      for (let i = 0; i < 3000; i++) {
+        const transport = new Quiet();
+        const handler = () => {};
+        transports.push(new WeakRef(transport));
+        handlers.push(new WeakRef(handler));
+        const poller = new AgentPoller({ agentId: agent, apiKey: 'key-a', apiBaseUrl: url, transport, pollIntervalMs: 60_000 });
+        poller.onMessage(handler);
+        poller.start();
+        if (i % 3 === 1) await turn();
+        poller.stop();
+        await turn();
+        // Garbage, so V8 collects stopped wrappers while their aborted loops are still
+        // being dropped.
+        for (let j = 0; j < 200; j++) new Array(100);
+      }
+      const alive = (refs) => refs.filter((r) => r.deref() !== undefined).length;
+      // deref() keeps what it returns alive until the current job ends: every count is
+      // followed by a turn of the event loop before the next collection.
+      for (let i = 0; i < 30; i++) {
+        global.gc();
+        await sleep(100);
+        if (alive(transports) + alive(handlers) === 0) break;
+        await turn();
+      }
+      const [runtimes, pollers] = [[0, 1500], [1500]];
+      console.log(JSON.stringify({
+        made: transports.length,
+        runtimeTransports: alive(transports.slice(...runtimes)), runtimeHandlers: alive(handlers.slice(...runtimes)),
+        pollerTransports: alive(transports.slice(...pollers)), pollerHandlers: alive(handlers.slice(...pollers)),
+      }));
+    `, { timeoutMs: 600_000, env: { NODE_OPTIONS: '--expose-gc' } });
+    expect(run.code, run.stderr).toBe(0);
+    const figures = JSON.parse(run.stdout.trim().split('\n').at(-1));
+    expect(figures, run.stdout).toEqual({
+      made: 4500, runtimeTransports: 0, runtimeHandlers: 0, pollerTransports: 0, pollerHandlers: 0,
+    });
+  }, 660_000);
 });

@@ -810,34 +810,35 @@ unsafe fn coerce_to_string(env: &Env, raw: sys::napi_value) -> Result<String> {
     unsafe { String::from_napi_value(env.raw(), out) }
 }
 
-/// A JS object kept alive across calls, released on the JS thread when dropped.
+/// A JS object kept alive across calls, released on its JS thread when dropped, wherever
+/// the drop happens.
+///
+/// The reference is a napi-rs [`FunctionRef`] (a `napi_ref` works for any value; napi-rs
+/// neither checks nor needs the value to be a function): dropped on its JS thread it is
+/// deleted there; dropped elsewhere, napi-rs hands it to its own per-environment
+/// threadsafe function, which lives as long as the environment. Releasing it through this
+/// module's job queue instead lost it whenever the queue was closed: a stopped poller's
+/// aborted loops are dropped on a tokio worker, sometimes after the wrapper was finalized
+/// and the last service of the thread stopped, and the transport then stayed referenced
+/// until the process ended.
 pub struct PersistentObject {
-    reference: Mutex<Option<ObjectRef<false>>>,
+    reference: FunctionRef<(), Unknown<'static>>,
     js: JsThread,
-    /// The environment and thread that own the reference: a drop there (a collected
-    /// wrapper's finalizer) releases it directly, as it must when a stopped service has
-    /// already closed its queue.
-    home: (usize, std::thread::ThreadId),
 }
 
 impl PersistentObject {
     pub fn new(object: &Object<'_>, js: JsThread) -> Result<Self> {
+        let value: Function<(), Unknown<'static>> =
+            unsafe { Function::from_napi_value(object.value().env, object.raw())? };
         Ok(Self {
-            reference: Mutex::new(Some(object.create_ref::<false>()?)),
+            reference: value.create_ref()?,
             js,
-            home: (object.value().env as usize, std::thread::current().id()),
         })
     }
 
     pub fn get<'env>(&self, env: &'env Env) -> Result<Object<'env>> {
-        let guard = lock(&self.reference);
-        match guard.as_ref() {
-            Some(reference) => reference.get_value(env),
-            None => Err(Error::new(
-                Status::GenericFailure,
-                "object released".to_owned(),
-            )),
-        }
+        let value = self.reference.borrow_back(env)?;
+        unsafe { Object::from_napi_value(env.raw(), value.raw()) }
     }
 
     pub fn js(&self) -> &JsThread {
@@ -1059,27 +1060,6 @@ fn clear_exception(env: &Env) {
     {
         let mut thrown = std::ptr::null_mut();
         unsafe { sys::napi_get_and_clear_last_exception(env.raw(), &mut thrown) };
-    }
-}
-
-impl Drop for PersistentObject {
-    fn drop(&mut self) {
-        let reference = lock(&self.reference).take();
-        let Some(reference) = reference else {
-            return;
-        };
-        let (raw_env, thread) = self.home;
-        if std::thread::current().id() == thread {
-            // On its own thread the environment is still there: a drop there runs inside it.
-            let env = Env::from_raw(raw_env as sys::napi_env);
-            let _ = reference.unref(&env);
-            return;
-        }
-        // Elsewhere, releasing must be queued to the JS thread. When the queue is closed the
-        // reference stays until its environment ends, which frees it.
-        self.js.fire(move |env| {
-            let _ = reference.unref(env);
-        });
     }
 }
 
