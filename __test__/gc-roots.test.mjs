@@ -225,11 +225,14 @@ describe('after stop() everything is collectable', () => {
     expect(figures.gone).toBeGreaterThanOrEqual(figures.made - 10);
     // The JS heap is flat.
     expect(figures.heapGrowthMiB).toBeLessThan(8);
-    // Native memory: measured at ~7-14 KiB per runtime over the first 10,000, flattening
-    // after (the same curve before the GC-root change: allocator arenas and V8's own
-    // bookkeeping, not runtimes kept alive). A runtime held by anything would keep its
-    // tasks, connection slots and thread-safe functions: far more than this bound.
-    expect(figures.rssGrowthMiB / 9000 * 1024).toBeLessThan(24);
+    // Native memory: a coarse bound on RSS, not the retention check (that is the WeakRef test
+    // below, which requires every transport and handler collected). Measured here at 24-26
+    // KiB per runtime over this window since the per-thread job queue and promise reactions
+    // (release and debug builds alike; 9.8 KiB in a plain script doing the same), and ~34 KiB
+    // when every stopped handle is kept referenced: allocator arenas and V8's own
+    // bookkeeping grow with the churn. A runtime whose tasks or threadsafe functions
+    // survived its stop would cost several times more.
+    expect(figures.rssGrowthMiB / 9000 * 1024).toBeLessThan(32);
   }, 660_000);
 
   // What a stopped service held of the caller's (its JS transport, its handler) is released
