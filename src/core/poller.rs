@@ -177,9 +177,11 @@ struct Batch {
     answer: Option<Request>,
     /// For a page of direct messages: counted in [`Shared::direct_unacked`] until handled and
     /// acked, or dropped with the queue.
-    unacked: Option<Unacked>,
+    unacked: Option<Counted>,
     /// Where the messages are in the journal, with one.
     journal: Option<Journaled>,
+    /// Counted in [`Shared::in_queue`] from [`enqueue`] until delivered or dropped.
+    queued: Option<Counted>,
 }
 
 impl Batch {
@@ -190,30 +192,33 @@ impl Batch {
             answer: None,
             unacked: None,
             journal: None,
+            queued: None,
         }
     }
 
     /// A page of direct messages, acked once handled.
     fn direct(shared: &Shared, messages: Vec<ConduitMessage>) -> Self {
         Self {
-            unacked: Some(Unacked::count(&shared.direct_unacked)),
+            unacked: Some(Counted::count(&shared.direct_unacked)),
             ..Self::of(messages, true)
         }
     }
 }
 
-/// One direct page between the poll that found it and the end of its ack, whichever way it
-/// ends (acked, given up, or dropped with the queue on `stop()`): a counter that cannot leak.
-struct Unacked(Arc<AtomicUsize>);
+/// One place in a shared count while it lives, whichever way it ends (handled, given up, or
+/// dropped with the queue on `stop()`): a counter that cannot leak. A direct page is counted
+/// in [`Shared::direct_unacked`] until its ack is done; every queued batch in
+/// [`Shared::in_queue`] until it has been delivered.
+struct Counted(Arc<AtomicUsize>);
 
-impl Unacked {
+impl Counted {
     fn count(counter: &Arc<AtomicUsize>) -> Self {
         counter.fetch_add(1, Ordering::AcqRel);
         Self(counter.clone())
     }
 }
 
-impl Drop for Unacked {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
@@ -266,7 +271,7 @@ struct Shared {
     /// whole seconds, so `since` cannot page inside one) only acks uncover. The delivery
     /// loop polls again as soon as it has acked.
     direct_full: AtomicBool,
-    /// Direct pages queued, being handled or being acked (see [`Unacked`]). A poll without a
+    /// Direct pages queued, being handled or being acked (see [`Counted`]). A poll without a
     /// `since` to look past them (or to a source that ignores `since`) would only bring them
     /// back: it waits for their ack instead.
     direct_unacked: Arc<AtomicUsize>,
@@ -285,8 +290,9 @@ struct Shared {
     /// Held by whoever is handing a batch to the handler: the delivery loop, or
     /// [`Poller::offer`] taking the short way when nothing else is waiting.
     delivering: Arc<tokio::sync::Mutex<()>>,
-    /// Batches sent to the queue and not yet delivered.
-    in_queue: AtomicUsize,
+    /// Batches sent to the queue and not yet delivered (see [`Counted`]): a stop that drops
+    /// the queue drops their counts with them.
+    in_queue: Arc<AtomicUsize>,
     /// The delivery loop's token, for deliveries made outside it.
     delivery_token: Mutex<Option<CancellationToken>>,
     /// The agent's keys, scrubbed from every error text: a handler's error or a JS
@@ -344,7 +350,7 @@ impl Poller {
                 pending_acks: Mutex::new(Vec::new()),
                 acking: tokio::sync::Mutex::new(()),
                 delivering: Arc::new(tokio::sync::Mutex::new(())),
-                in_queue: AtomicUsize::new(0),
+                in_queue: Arc::default(),
                 delivery_token: Mutex::new(None),
                 queue: Mutex::new(None),
                 secrets: None,
@@ -1263,7 +1269,7 @@ async fn delivery_loop(
             // Everything queued before the marker has been handed over; a message the
             // realtime path is handing over the short way right now finishes first.
             let _turn = shared.delivering.lock().await;
-            shared.in_queue.fetch_sub(1, Ordering::AcqRel);
+            drop(batch.queued);
             // A full page this round, and progress since it started (something handled,
             // hence acked): poll again, for rows the server could only page past once those
             // were acked (one second's ties, read again with `since` of that second). With no
@@ -1291,7 +1297,6 @@ async fn delivery_loop(
             deliver_batch(&shared, handler, batch, token.clone()).await;
             drop(turn);
         }
-        shared.in_queue.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -1318,13 +1323,9 @@ async fn deliver_detached(
 
 /// Sends a batch to the delivery loop (waiting while the queue is full); false when the
 /// poller stopped.
-async fn enqueue(shared: &Shared, queue: &mpsc::Sender<Batch>, batch: Batch) -> bool {
-    shared.in_queue.fetch_add(1, Ordering::AcqRel);
-    let sent = queue.send(batch).await.is_ok();
-    if !sent {
-        shared.in_queue.fetch_sub(1, Ordering::AcqRel);
-    }
-    sent
+async fn enqueue(shared: &Shared, queue: &mpsc::Sender<Batch>, mut batch: Batch) -> bool {
+    batch.queued = Some(Counted::count(&shared.in_queue));
+    queue.send(batch).await.is_ok()
 }
 
 /// Hands one batch to the handler, counting outcomes and owing acks for direct messages.

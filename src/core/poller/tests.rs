@@ -1300,6 +1300,29 @@ async fn offered_messages_keep_their_order_whichever_way_they_are_handed_over() 
     assert_eq!(r.poller.status().delivered, 8);
 }
 
+#[tokio::test(start_paused = true)]
+async fn batches_dropped_by_a_stop_do_not_keep_a_restarted_poller_off_the_short_way() {
+    let mut r = Rig::new(&[]);
+    r.handle_with_delay();
+    r.direct.push(dms(1..=3));
+    r.poller.start();
+    // The first page is being handled (10 ms a message) when stop() drops it.
+    r.at(5).await;
+    r.poller.stop();
+    r.poller.start();
+    r.at(2000).await;
+    assert!(
+        r.handler.ids().contains(&"d3".to_owned()),
+        "the page, polled again, handled"
+    );
+    // Idle again: an offered message is handed over before offer() returns.
+    assert!(r.poller.offer(message_with("s1", "over sse", 1)).await);
+    assert!(
+        r.handler.ids().contains(&"s1".to_owned()),
+        "the short way, as before the stop"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // The real server's awkward facts (WIRE.md): whole-second ties, fan-out copies
 
