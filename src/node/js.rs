@@ -156,14 +156,6 @@ impl JsThread {
         })
     }
 
-    /// Queues `job` without waiting for room; false when the queue is full or closed.
-    pub fn fire(&self, job: impl FnOnce(&Env) + Send + 'static) -> bool {
-        match self.queue.room.clone().try_acquire_owned() {
-            Ok(permit) => self.queue.call(permit, self.in_span(job)),
-            Err(_) => false,
-        }
-    }
-
     /// Runs `job` on the JS thread and returns its result. Waits while the queue is full.
     /// `Err` when the job throws, or when the environment is gone.
     pub async fn run<T: Send + 'static>(
