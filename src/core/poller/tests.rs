@@ -1650,6 +1650,15 @@ mod journaled {
         }
     }
 
+    /// Each handler call's message id, with whether it came flagged as redelivered.
+    fn calls_flagged(handler: &Recorder) -> Vec<(String, bool)> {
+        handler
+            .calls()
+            .into_iter()
+            .map(|(_, m)| (m.id.clone(), redelivered(&m)))
+            .collect()
+    }
+
     fn redelivered(m: &ConduitMessage) -> bool {
         m.metadata
             .as_ref()
@@ -1753,12 +1762,7 @@ mod journaled {
         r.handle();
         r.poller.start();
         until("four calls", || r.handler.count() >= 4).await;
-        let calls: Vec<(String, bool)> = r
-            .handler
-            .calls()
-            .into_iter()
-            .map(|(_, m)| (m.id.clone(), redelivered(&m)))
-            .collect();
+        let calls = calls_flagged(&r.handler);
         assert_eq!(
             calls,
             vec![
@@ -1805,12 +1809,7 @@ mod journaled {
         r.handle();
         r.poller.start();
         until("s3..s5", || r.handler.count() >= 3).await;
-        let calls: Vec<(String, bool)> = r
-            .handler
-            .calls()
-            .into_iter()
-            .map(|(_, m)| (m.id.clone(), redelivered(&m)))
-            .collect();
+        let calls = calls_flagged(&r.handler);
         assert_eq!(
             calls,
             vec![
