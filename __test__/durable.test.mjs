@@ -86,7 +86,8 @@ function child({ url, journal, sse = false, groups, handlerMs = 20, stopAfter, r
     lines.push(...parts);
   });
   proc.stderr.on('data', (d) => { stderr += d; });
-  const exited = new Promise((resolve) => proc.on('exit', (code, signal) => resolve({ code, signal })));
+  // 'close', not 'exit': 'exit' can come before the last lines the child printed are read.
+  const exited = new Promise((resolve) => proc.on('close', (code, signal) => resolve({ code, signal })));
   cleanup.push(() => proc.kill('SIGKILL'));
   const of = (kind) => lines.filter((l) => l.startsWith(`${kind} `)).map((l) => l.split(' '));
   return {

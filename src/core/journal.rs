@@ -69,6 +69,14 @@ const BUSY_WAIT: Duration = Duration::from_millis(500);
 const GROUP_COMMIT: usize = 512;
 /// Settles between two prunings of old handled rows.
 const PRUNE_EVERY: u64 = 1024;
+/// How long settles wait for more before the journal thread writes them, when no batch end
+/// and no other write comes first: the handler calls of a batch return one after another,
+/// and one transaction for all of them costs what one costs for each. A crash in this
+/// window offers those messages again, flagged, as a crash just before a settle always did.
+pub const SETTLE_DELAY: Duration = Duration::from_millis(1);
+/// The `meta` key of the started mark: the `seq`s whose handler call may have started,
+/// as a JSON array (see [`Worker::in_flight`]).
+const STARTED_KEY: &str = "started";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -206,6 +214,16 @@ pub struct Recovered {
     pub max_seq: i64,
 }
 
+/// What the journal has written so far, for tests and profiling: its cost is counted in
+/// transactions (each one a WAL append) and rows changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JournalStats {
+    /// Transactions committed.
+    pub commits: u64,
+    /// Rows inserted, updated or deleted.
+    pub rows: u64,
+}
+
 #[derive(Clone, Debug)]
 pub struct JournalConfig {
     pub path: PathBuf,
@@ -322,7 +340,6 @@ enum Op {
         seqs: Vec<i64>,
         reply: oneshot::Sender<Result<()>>,
     },
-    Settle(i64),
     Unstart(Vec<i64>),
     Unhandled {
         after: i64,
@@ -331,6 +348,12 @@ enum Op {
         reply: oneshot::Sender<Result<Vec<Entry>>>,
     },
     Sync(oneshot::Sender<()>),
+    /// Settles wait in [`Journal::settles`]: write them, after [`SETTLE_DELAY`] unless `now`.
+    /// Not counted in [`Journal::pending`]: a settle is ordered by the buffer, which every
+    /// transaction drains first, not by the channel.
+    Wake {
+        now: bool,
+    },
     Close,
 }
 
@@ -351,6 +374,10 @@ pub struct Journal {
     ops: Mutex<Option<std_mpsc::Sender<Op>>>,
     /// Requests sent to the thread and not yet committed.
     pending: Arc<AtomicUsize>,
+    /// Settled `seq`s not yet written. Every transaction, whoever commits it, writes them
+    /// first: a settle is ordered before every request made after it without a message of
+    /// its own on the channel (one per handler call woke the thread for a transaction each).
+    settles: Arc<Mutex<Vec<i64>>>,
     /// The connection, shared with the thread: a caller that finds it free, with nothing
     /// pending, commits its own request at once instead of waking the thread (two thread
     /// hops less on the realtime path). Order is kept: only when nothing sent before is
@@ -498,11 +525,15 @@ impl Journal {
             warned: AtomicBool::new(false),
         });
         let (tx, rx) = std_mpsc::channel();
+        let settles = Arc::new(Mutex::new(Vec::new()));
         let worker = Arc::new(Mutex::new(Worker {
             conn: Some(conn),
             path: path.clone(),
             backlog: backlog.clone(),
-            settles: 0,
+            settles: settles.clone(),
+            settled: 0,
+            in_flight: HashMap::new(),
+            stats: JournalStats::default(),
         }));
         let pending = Arc::new(AtomicUsize::new(0));
         let (thread_worker, thread_pending) = (worker.clone(), pending.clone());
@@ -523,6 +554,7 @@ impl Journal {
         Ok(Arc::new(Journal {
             ops: Mutex::new(Some(tx)),
             pending,
+            settles,
             worker,
             path,
             backlog,
@@ -614,7 +646,8 @@ impl Journal {
     }
 
     /// Marks messages whose handler call is about to start; resolves once written, so a
-    /// crash from then on offers them again flagged.
+    /// crash from then on offers them again flagged. One small write whatever the batch's
+    /// size: the `seq`s go into one mark, not into each message's row.
     pub async fn start(&self, seqs: Vec<i64>) -> Result<()> {
         if seqs.is_empty() {
             return Ok(());
@@ -623,9 +656,32 @@ impl Journal {
     }
 
     /// Marks a message handled (its handler call settled). Does not wait: the write is
-    /// ordered before every later request, including the next [`Journal::start`].
+    /// ordered before every later request, including the next [`Journal::start`], and made
+    /// at the latest [`SETTLE_DELAY`] after the first settle not yet written (at once after
+    /// [`Journal::flush`]).
     pub fn settle(&self, seq: i64) {
-        self.send(Op::Settle(seq));
+        let first = {
+            let mut settles = lock(&self.settles);
+            settles.push(seq);
+            settles.len() == 1
+        };
+        if first {
+            self.wake(false);
+        }
+    }
+
+    /// The end of a handler call's batch: its settles are written now, by the journal
+    /// thread, rather than after [`SETTLE_DELAY`].
+    pub fn flush(&self) {
+        if !lock(&self.settles).is_empty() {
+            self.wake(true);
+        }
+    }
+
+    fn wake(&self, now: bool) {
+        if let Some(tx) = lock(&self.ops).as_ref() {
+            let _ = tx.send(Op::Wake { now });
+        }
     }
 
     /// Takes back [`Journal::start`] for messages the handler was never called with (the
@@ -659,6 +715,11 @@ impl Journal {
         if self.send(Op::Sync(tx)) {
             let _ = rx.await;
         }
+    }
+
+    /// What has been written so far.
+    pub fn stats(&self) -> JournalStats {
+        lock(&self.worker).stats
     }
 
     /// Bytes of unhandled payloads.
@@ -764,6 +825,12 @@ fn try_open(path: &Path, agent_id: &str) -> std::result::Result<(Connection, u64
     }
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(sql("cannot set synchronous"))?;
+    // Statement journals in memory: a statement that may need undoing inside a transaction
+    // (an upsert, a `RETURNING`) saves the pages it touches first, and once that spilled to
+    // a temporary file (the first prune does) every such statement wrote there: most of the
+    // journal's writes, for nothing a crash needs.
+    conn.pragma_update(None, "temp_store", "MEMORY")
+        .map_err(sql("cannot set temp_store"))?;
     conn.execute_batch(&format!("BEGIN EXCLUSIVE; {SCHEMA} COMMIT;"))
         .map_err(sql("cannot create its tables"))?;
     let owner: Option<String> = conn
@@ -801,21 +868,46 @@ fn try_open(path: &Path, agent_id: &str) -> std::result::Result<(Connection, u64
 /// Tells one request how its transaction ended (the error, when the commit failed).
 type Answer = Box<dyn FnOnce(Option<&Error>)>;
 
+/// Moves what waits in the channel into `batch`, up to [`GROUP_COMMIT`] requests.
+fn take_waiting(ops: &std_mpsc::Receiver<Op>, batch: &mut Vec<Op>) {
+    while batch.len() < GROUP_COMMIT {
+        match ops.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(_) => break,
+        }
+    }
+}
+
 /// The journal thread's loop: commits what is sent, a batch at a time, until closed.
 fn run(worker: &Mutex<Worker>, pending: &AtomicUsize, ops: std_mpsc::Receiver<Op>) {
     while let Ok(first) = ops.recv() {
         let mut batch = vec![first];
-        while batch.len() < GROUP_COMMIT {
-            match ops.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
+        take_waiting(&ops, &mut batch);
+        // Only settles to write: give the handler calls returning after them a moment to
+        // join them, unless a request or the end of their batch comes first.
+        if batch.iter().all(|op| matches!(op, Op::Wake { now: false })) {
+            let deadline = Instant::now() + SETTLE_DELAY;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match ops.recv_timeout(left) {
+                    Ok(Op::Wake { now: false }) if !left.is_zero() => {}
+                    Ok(op) => {
+                        batch.push(op);
+                        take_waiting(&ops, &mut batch);
+                        break;
+                    }
+                    Err(_) => break,
+                }
             }
         }
-        let count = batch.len();
+        let counted = batch
+            .iter()
+            .filter(|op| !matches!(op, Op::Wake { .. }))
+            .count();
         let close = batch.iter().any(|op| matches!(op, Op::Close));
         let mut worker = lock(worker);
         worker.commit(batch);
-        pending.fetch_sub(count, Ordering::AcqRel);
+        pending.fetch_sub(counted, Ordering::AcqRel);
         if close {
             // Dropping the connection releases the file's lock for the next runtime.
             worker.conn = None;
@@ -826,33 +918,77 @@ fn run(worker: &Mutex<Worker>, pending: &AtomicUsize, ops: std_mpsc::Receiver<Op
     lock(worker).conn = None;
 }
 
+/// How a message in flight was marked started, for [`Op::Unstart`] to take it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Marked {
+    /// In the started mark ([`Op::Start`]).
+    InMark,
+    /// In its row: recorded started ([`Journal::record`] with `started`).
+    InRow,
+}
+
 /// The connection and what the commits keep track of.
 struct Worker {
     conn: Option<Connection>,
     path: PathBuf,
     backlog: Arc<Backlog>,
-    settles: u64,
+    /// Shared with [`Journal::settles`].
+    settles: Arc<Mutex<Vec<i64>>>,
+    /// Settles written since the journal opened (for pruning).
+    settled: u64,
+    /// Messages this runtime marked started and has neither settled nor taken back. A
+    /// batch's start writes the `seq`s of those marked in the mark (one `meta` row) rather
+    /// than a state into each message's row, which then settles rewrite anyway; `recover`
+    /// turns the mark into row states.
+    in_flight: HashMap<i64, Marked>,
+    stats: JournalStats,
 }
 
 impl Worker {
-    /// Runs `ops` in one transaction and answers them once it is committed. Should the
-    /// commit fail, every writer is told so.
+    /// Runs the settles waiting and `ops` in one transaction and answers them once it is
+    /// committed. Should the commit fail, every writer is told so.
     fn commit(&mut self, ops: Vec<Op>) {
+        let settles = std::mem::take(&mut *lock(&self.settles));
+        let idle = |op: &Op| matches!(op, Op::Wake { .. } | Op::Close);
+        if settles.is_empty() && ops.iter().all(idle) {
+            return;
+        }
         let mut answers: Vec<Answer> = Vec::new();
         let mut freed: u64 = 0;
         let mut added: u64 = 0;
-        let mut settled = 0;
         let path = self.path.clone();
         let Some(conn) = self.conn.as_mut() else {
             // Closed: every request fails as a closed journal's does (its answer is dropped).
             return;
         };
+        let in_flight = &mut self.in_flight;
+        let changes_before = conn.total_changes();
         let result = (|| -> rusqlite::Result<()> {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if !settles.is_empty() {
+                // Two statements for all of them, not one per message.
+                let list = serde_json::to_string(&settles).unwrap_or_else(|_| "[]".to_owned());
+                let bytes: i64 = tx
+                    .prepare_cached(
+                        "SELECT COALESCE(SUM(bytes), 0) FROM messages
+                         WHERE state < 2 AND seq IN (SELECT value FROM json_each(?1))",
+                    )?
+                    .query_row(params![list], |row| row.get(0))?;
+                freed += bytes.max(0) as u64;
+                tx.prepare_cached(
+                    "UPDATE messages SET state = 2, payload = NULL
+                     WHERE state < 2 AND seq IN (SELECT value FROM json_each(?1))",
+                )?
+                .execute(params![list])?;
+                for seq in &settles {
+                    in_flight.remove(seq);
+                }
+            }
             for op in ops {
                 match op {
                     Op::Recover(reply) => {
-                        let answer = recover(&tx).map_err(|e| storage(&path, "cannot read it", e));
+                        let answer = recover(&tx, in_flight)
+                            .map_err(|e| storage(&path, "cannot read it", e));
                         answers.push(Box::new(move |failed| {
                             let _ = reply.send(match failed {
                                 Some(err) => Err(err.clone()),
@@ -866,7 +1002,7 @@ impl Worker {
                         started,
                         reply,
                     } => {
-                        let (recorded, bytes) = record(&tx, &items, &groups, started)?;
+                        let (recorded, bytes) = record(&tx, &items, &groups, started, in_flight)?;
                         added += bytes;
                         answers.push(Box::new(move |failed| {
                             let _ = reply.send(match failed {
@@ -876,12 +1012,10 @@ impl Worker {
                         }));
                     }
                     Op::Start { seqs, reply } => {
-                        let mut update = tx.prepare_cached(
-                            "UPDATE messages SET state = 1 WHERE seq = ?1 AND state = 0",
-                        )?;
                         for seq in seqs {
-                            update.execute(params![seq])?;
+                            in_flight.entry(seq).or_insert(Marked::InMark);
                         }
+                        write_mark(&tx, in_flight)?;
                         answers.push(Box::new(move |failed| {
                             let _ = reply.send(match failed {
                                 Some(err) => Err(err.clone()),
@@ -889,22 +1023,23 @@ impl Worker {
                             });
                         }));
                     }
-                    Op::Settle(seq) => {
-                        let mut update = tx.prepare_cached(
-                            "UPDATE messages SET state = 2, payload = NULL WHERE seq = ?1 AND state < 2 RETURNING bytes",
-                        )?;
-                        let bytes: Option<i64> = update
-                            .query_row(params![seq], |row| row.get(0))
-                            .optional()?;
-                        freed += bytes.unwrap_or(0).max(0) as u64;
-                        settled += 1;
-                    }
                     Op::Unstart(seqs) => {
-                        let mut update = tx.prepare_cached(
+                        let mut revert = tx.prepare_cached(
                             "UPDATE messages SET state = 0 WHERE seq = ?1 AND state = 1",
                         )?;
+                        let mut mark_changed = false;
                         for seq in seqs {
-                            update.execute(params![seq])?;
+                            match in_flight.remove(&seq) {
+                                Some(Marked::InRow) => {
+                                    revert.execute(params![seq])?;
+                                }
+                                Some(Marked::InMark) => mark_changed = true,
+                                // Started before this runtime (offered flagged): it stays so.
+                                None => {}
+                            }
+                        }
+                        if mark_changed {
+                            write_mark(&tx, in_flight)?;
                         }
                     }
                     Op::Unhandled {
@@ -925,15 +1060,20 @@ impl Worker {
                     Op::Sync(reply) => answers.push(Box::new(move |_| {
                         let _ = reply.send(());
                     })),
-                    Op::Close => {}
+                    Op::Wake { .. } | Op::Close => {}
                 }
             }
-            self.settles += settled;
-            if settled > 0 && self.settles / PRUNE_EVERY != (self.settles - settled) / PRUNE_EVERY {
+            let settled = settles.len() as u64;
+            if settled > 0 && (self.settled + settled) / PRUNE_EVERY != self.settled / PRUNE_EVERY {
                 prune(&tx)?;
             }
             tx.commit()
         })();
+        if result.is_ok() {
+            self.settled += settles.len() as u64;
+            self.stats.commits += 1;
+            self.stats.rows += conn.total_changes().saturating_sub(changes_before);
+        }
         let failed = result
             .err()
             .map(|e| storage(&self.path, "cannot write it", e));
@@ -957,11 +1097,33 @@ impl Worker {
     }
 }
 
+/// Writes the started mark: the `seq`s [`Op::Start`] marked and nothing took back yet.
+/// Settled ones may stay in it until the next start rewrites it: a handled row is never
+/// offered again, mark or not.
+fn write_mark(
+    tx: &rusqlite::Transaction<'_>,
+    in_flight: &HashMap<i64, Marked>,
+) -> rusqlite::Result<()> {
+    let mut seqs: Vec<i64> = in_flight
+        .iter()
+        .filter(|(_, how)| **how == Marked::InMark)
+        .map(|(seq, _)| *seq)
+        .collect();
+    seqs.sort_unstable();
+    let text = serde_json::to_string(&seqs).unwrap_or_else(|_| "[]".to_owned());
+    tx.prepare_cached(
+        "INSERT INTO meta (k, v) VALUES (?1, ?2) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+    )?
+    .execute(params![STARTED_KEY, text])?;
+    Ok(())
+}
+
 fn record(
     tx: &rusqlite::Transaction<'_>,
     items: &[Incoming],
     groups: &[GroupUpdate],
     started: bool,
+    in_flight: &mut HashMap<i64, Marked>,
 ) -> rusqlite::Result<(Vec<Recorded>, u64)> {
     let mut recorded = Vec::with_capacity(items.len());
     let mut added = 0u64;
@@ -971,9 +1133,11 @@ fn record(
     } else {
         State::Received
     } as i64;
+    // `OR IGNORE` rather than an upsert with `RETURNING`: the same outcome without the
+    // statement journal those make SQLite keep (a copy of each page touched, per row).
     let mut insert = tx.prepare_cached(
-        "INSERT INTO messages (key, source, payload, bytes, state, received_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (key) DO NOTHING RETURNING seq",
+        "INSERT OR IGNORE INTO messages (key, source, payload, bytes, state, received_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
     let mut existing = tx.prepare_cached("SELECT seq, state FROM messages WHERE key = ?1")?;
     let mut start =
@@ -982,15 +1146,21 @@ fn record(
         let payload = serde_json::to_string(&item.message).unwrap_or_default();
         let key = item.message.dedup_key();
         let bytes = payload.len() as i64;
-        let seq: Option<i64> = insert
-            .query_row(
-                params![key, item.source.as_str(), payload, bytes, state, now],
-                |row| row.get(0),
-            )
-            .optional()?;
+        let inserted = insert.execute(params![
+            key,
+            item.source.as_str(),
+            payload,
+            bytes,
+            state,
+            now
+        ])? > 0;
+        let seq = inserted.then(|| tx.last_insert_rowid());
         recorded.push(match seq {
             Some(seq) => {
                 added += bytes as u64;
+                if started {
+                    in_flight.insert(seq, Marked::InRow);
+                }
                 Recorded::Pending(seq)
             }
             None => {
@@ -999,8 +1169,8 @@ fn record(
                 match State::of(was) {
                     State::Handled => Recorded::Handled,
                     _ => {
-                        if started {
-                            start.execute(params![seq])?;
+                        if started && start.execute(params![seq])? > 0 {
+                            in_flight.insert(seq, Marked::InRow);
                         }
                         Recorded::Pending(seq)
                     }
@@ -1073,7 +1243,20 @@ fn unhandled(
     rows.filter_map(|row| row.transpose()).collect()
 }
 
-fn recover(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<Recovered> {
+fn recover(
+    tx: &rusqlite::Transaction<'_>,
+    in_flight: &mut HashMap<i64, Marked>,
+) -> rusqlite::Result<Recovered> {
+    // The started mark becomes row states: what it holds unhandled is offered flagged.
+    tx.execute(
+        "UPDATE messages SET state = 1 WHERE state = 0 AND seq IN (
+           SELECT value FROM json_each((SELECT v FROM meta WHERE k = ?1)))",
+        params![STARTED_KEY],
+    )?;
+    tx.execute("DELETE FROM meta WHERE k = ?1", params![STARTED_KEY])?;
+    for how in in_flight.values_mut() {
+        *how = Marked::InRow;
+    }
     let mut recovered = Recovered::default();
     {
         let mut query = tx.prepare(

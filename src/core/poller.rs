@@ -1407,9 +1407,11 @@ async fn deliver_batch(
     };
     handler.deliver(messages, settled, token.clone()).await;
     let left: Vec<String> = lock(&unsettled).drain().collect();
-    // Never handed over (stopped first): not "started" for the next runtime either.
+    // Never handed over (stopped first): not "started" for the next runtime either. The
+    // batch is over: its settles are written now, not after the journal's settle delay.
     if let Some((journal, seqs)) = journaled.as_deref() {
         journal.unstart(left.iter().filter_map(|id| seqs.get(id).copied()).collect());
+        journal.flush();
     }
     if !left.is_empty() && !token.is_cancelled() {
         tracing::debug!(

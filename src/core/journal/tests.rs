@@ -491,3 +491,114 @@ async fn handled_rows_are_pruned_to_the_dedup_window() {
     assert!(recovered.unhandled.is_empty());
     assert_eq!(journal.backlog_bytes(), 0);
 }
+
+#[tokio::test]
+async fn a_page_is_recorded_started_and_settled_in_a_write_each() {
+    // A page as the poller writes it: recorded, marked started, each message settled as its
+    // handler returns (a synchronous handler: one burst), then the end of the batch.
+    let scratch = Scratch::new();
+    let journal = scratch.open();
+    journal.sync().await;
+    let cost = |before: JournalStats| {
+        let now = journal.stats();
+        (now.commits - before.commits, now.rows - before.rows)
+    };
+    let before = journal.stats();
+    let items: Vec<Incoming> = (0..50)
+        .map(|i| incoming(&format!("m{i}"), Source::Direct))
+        .collect();
+    let s = seqs(&journal.record(items, Vec::new(), false).await.unwrap());
+    assert_eq!(cost(before), (1, 50), "recording the page");
+    let before = journal.stats();
+    journal.start(s.clone()).await.unwrap();
+    // One mark for the batch, not a row per message.
+    assert_eq!(cost(before), (1, 1), "starting the page");
+    let before = journal.stats();
+    for seq in &s {
+        journal.settle(*seq);
+    }
+    journal.flush();
+    journal.sync().await;
+    let (commits, rows) = cost(before);
+    assert_eq!(rows, 50, "settling the page");
+    // One transaction for the burst (a machine busy enough to stall this loop for longer
+    // than the settle delay may split it), not one per message.
+    assert!(commits <= 3, "{commits} commits to settle one page");
+    let recovered = journal.recover().await.unwrap();
+    assert!(recovered.unhandled.is_empty());
+    assert_eq!(recovered.handled.len(), 50);
+}
+
+#[tokio::test]
+async fn settles_are_written_without_being_asked_for() {
+    // No batch end and no later write: a settle still reaches the file on its own, soon.
+    let scratch = Scratch::new();
+    let journal = scratch.open();
+    let s = seqs(
+        &journal
+            .record(vec![incoming("m1", Source::Stream)], Vec::new(), false)
+            .await
+            .unwrap(),
+    );
+    journal.start(s.clone()).await.unwrap();
+    let before = journal.stats();
+    journal.settle(s[0]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while journal.stats().commits == before.commits {
+        assert!(Instant::now() < deadline, "the settle was never written");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    journal.close();
+    drop(journal);
+    let recovered = scratch.open().recover().await.unwrap();
+    assert!(recovered.unhandled.is_empty());
+    assert_eq!(recovered.handled, vec!["m1".to_owned()]);
+}
+
+#[tokio::test]
+async fn taking_back_a_start_keeps_the_flag_of_one_started_before() {
+    // m1 was in its handler when a runtime died; the next runtime offers it flagged, then
+    // stops before handing it over: it was still possibly seen, and stays flagged. m2, marked
+    // started by this runtime and never handed over, is offered again unflagged.
+    let scratch = Scratch::new();
+    let s = {
+        let journal = scratch.open();
+        let s = seqs(
+            &journal
+                .record(
+                    vec![
+                        incoming("m1", Source::Stream),
+                        incoming("m2", Source::Stream),
+                    ],
+                    Vec::new(),
+                    false,
+                )
+                .await
+                .unwrap(),
+        );
+        journal.start(vec![s[0]]).await.unwrap();
+        journal.close();
+        s
+    };
+    {
+        let journal = scratch.open();
+        let recovered = journal.recover().await.unwrap();
+        assert_eq!(recovered.unhandled[0].state, State::Started);
+        journal.start(vec![s[1]]).await.unwrap();
+        journal.unstart(vec![s[0], s[1]]);
+        journal.close();
+    }
+    let recovered = scratch.open().recover().await.unwrap();
+    let states: Vec<(String, State)> = recovered
+        .unhandled
+        .iter()
+        .map(|e| (e.message.id.clone(), e.state))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            ("m1".into(), State::Started),
+            ("m2".into(), State::Received)
+        ]
+    );
+}
