@@ -39,7 +39,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -74,6 +74,10 @@ const PRUNE_EVERY: u64 = 1024;
 /// and one transaction for all of them costs what one costs for each. A crash in this
 /// window offers those messages again, flagged, as a crash just before a settle always did.
 pub const SETTLE_DELAY: Duration = Duration::from_millis(1);
+/// WAL frames past which the journal thread copies the log into the file (SQLite's own
+/// default). Only that thread does: a checkpoint (two `fsync`s) inside a write made on the
+/// realtime path would hold up the message that made it.
+const CHECKPOINT_FRAMES: u32 = 1000;
 /// The `meta` key of the started mark: the `seq`s whose handler call may have started,
 /// as a JSON array (see [`Worker::in_flight`]).
 const STARTED_KEY: &str = "started";
@@ -81,7 +85,7 @@ const STARTED_KEY: &str = "started";
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS messages (
-  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  seq INTEGER PRIMARY KEY,
   key TEXT NOT NULL UNIQUE,
   source TEXT NOT NULL,
   payload TEXT,
@@ -511,7 +515,7 @@ impl Journal {
         };
         let claim = claim(&path)?;
         let opened = open_locked(&path, &agent_id);
-        let (conn, bytes) = match opened {
+        let (conn, bytes, frames) = match opened {
             Ok(opened) => opened,
             Err(err) => {
                 claim.set(ClaimState::Closed);
@@ -533,6 +537,7 @@ impl Journal {
             settles: settles.clone(),
             settled: 0,
             in_flight: HashMap::new(),
+            frames,
             stats: JournalStats::default(),
         }));
         let pending = Arc::new(AtomicUsize::new(0));
@@ -614,6 +619,11 @@ impl Journal {
             return Err(op);
         }
         worker.commit(vec![op]);
+        let due = worker.checkpoint_due();
+        drop(worker);
+        if due {
+            self.wake(true);
+        }
         Ok(())
     }
 
@@ -780,7 +790,7 @@ impl Drop for Journal {
 
 /// Opens the file in exclusive locking mode and takes the lock, retrying briefly while
 /// another process holds it. Returns the connection and the unhandled bytes.
-fn open_locked(path: &Path, agent_id: &str) -> Result<(Connection, u64)> {
+fn open_locked(path: &Path, agent_id: &str) -> Result<Opened> {
     let deadline = Instant::now() + BUSY_WAIT;
     loop {
         match try_open(path, agent_id) {
@@ -799,7 +809,10 @@ enum OpenError {
     Failed(Error),
 }
 
-fn try_open(path: &Path, agent_id: &str) -> std::result::Result<(Connection, u64), OpenError> {
+/// An open connection, the unhandled bytes, and the WAL's frame count as SQLite reports it.
+type Opened = (Connection, u64, Arc<AtomicU32>);
+
+fn try_open(path: &Path, agent_id: &str) -> std::result::Result<Opened, OpenError> {
     let sql = |what: &'static str| {
         move |err: rusqlite::Error| {
             if is_busy(&err) {
@@ -812,7 +825,7 @@ fn try_open(path: &Path, agent_id: &str) -> std::result::Result<(Connection, u64
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags).map_err(sql("cannot open it"))?;
+    let mut conn = Connection::open_with_flags(path, flags).map_err(sql("cannot open it"))?;
     // Exclusive before the first access: the lock is taken by the first write below and
     // kept until the connection closes, and WAL then needs no shared memory.
     conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
@@ -862,7 +875,18 @@ fn try_open(path: &Path, agent_id: &str) -> std::result::Result<(Connection, u64
             |row| row.get(0),
         )
         .map_err(sql("cannot read it"))?;
-    Ok((conn, bytes.max(0) as u64))
+    // Told the WAL's size after each commit instead of checkpointing in it (which SQLite
+    // would do in whichever commit crossed its threshold): see [`CHECKPOINT_FRAMES`].
+    let frames = Arc::new(AtomicU32::new(0));
+    let told = frames.clone();
+    conn.wal_hook(Some(
+        move |_: &mut rusqlite::hooks::Wal, pages: std::ffi::c_int| {
+            told.store(pages.max(0) as u32, Ordering::Relaxed);
+            Ok(())
+        },
+    ))
+    .map_err(sql("cannot watch its log"))?;
+    Ok((conn, bytes.max(0) as u64, frames))
 }
 
 /// Tells one request how its transaction ended (the error, when the commit failed).
@@ -908,6 +932,9 @@ fn run(worker: &Mutex<Worker>, pending: &AtomicUsize, ops: std_mpsc::Receiver<Op
         let mut worker = lock(worker);
         worker.commit(batch);
         pending.fetch_sub(counted, Ordering::AcqRel);
+        if worker.checkpoint_due() {
+            worker.checkpoint();
+        }
         if close {
             // Dropping the connection releases the file's lock for the next runtime.
             worker.conn = None;
@@ -941,10 +968,29 @@ struct Worker {
     /// than a state into each message's row, which then settles rewrite anyway; `recover`
     /// turns the mark into row states.
     in_flight: HashMap<i64, Marked>,
+    /// Frames in the WAL, as SQLite reports after each commit (see [`CHECKPOINT_FRAMES`]).
+    frames: Arc<AtomicU32>,
     stats: JournalStats,
 }
 
 impl Worker {
+    fn checkpoint_due(&self) -> bool {
+        self.frames.load(Ordering::Relaxed) >= CHECKPOINT_FRAMES
+    }
+
+    /// Copies the WAL into the file; the next commit starts the log over.
+    fn checkpoint(&mut self) {
+        let Some(conn) = self.conn.as_ref() else {
+            return;
+        };
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            Ok(()) => self.frames.store(0, Ordering::Relaxed),
+            Err(err) => {
+                tracing::warn!(path = %self.path.display(), error = %err, "journal checkpoint failed")
+            }
+        }
+    }
+
     /// Runs the settles waiting and `ops` in one transaction and answers them once it is
     /// committed. Should the commit fail, every writer is told so.
     fn commit(&mut self, ops: Vec<Op>) {

@@ -602,3 +602,28 @@ async fn taking_back_a_start_keeps_the_flag_of_one_started_before() {
         ]
     );
 }
+
+#[tokio::test]
+async fn the_log_is_copied_into_the_file_as_it_grows() {
+    // Writes made on the caller's thread never checkpoint; the journal thread does, so the
+    // log stays near CHECKPOINT_FRAMES however many writes come.
+    let scratch = Scratch::new();
+    let journal = scratch.open();
+    for i in 0..3000 {
+        journal
+            .record(
+                vec![incoming(&format!("m{i}"), Source::Stream)],
+                Vec::new(),
+                false,
+            )
+            .await
+            .unwrap();
+    }
+    journal.sync().await;
+    let wal = std::fs::metadata(scratch.path().with_extension("db-wal"))
+        .unwrap()
+        .len();
+    let bound = 2 * u64::from(CHECKPOINT_FRAMES) * 4120;
+    assert!(wal < bound, "the log grew to {wal} bytes");
+    assert_eq!(journal.recover().await.unwrap().unhandled.len(), 3000);
+}
