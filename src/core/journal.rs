@@ -1012,20 +1012,26 @@ impl Worker {
         let result = (|| -> rusqlite::Result<()> {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             if !settles.is_empty() {
-                // Two statements for all of them, not one per message.
-                let list = serde_json::to_string(&settles).unwrap_or_else(|_| "[]".to_owned());
-                let bytes: i64 = tx
-                    .prepare_cached(
-                        "SELECT COALESCE(SUM(bytes), 0) FROM messages
-                         WHERE state < 2 AND seq IN (SELECT value FROM json_each(?1))",
-                    )?
-                    .query_row(params![list], |row| row.get(0))?;
-                freed += bytes.max(0) as u64;
-                tx.prepare_cached(
+                // By runs of consecutive `seq`s (a batch's usually are one): two statements
+                // a run, each a range of the table, not one per message.
+                let mut sorted = settles.clone();
+                sorted.sort_unstable();
+                sorted.dedup();
+                let mut sum = tx.prepare_cached(
+                    "SELECT COALESCE(SUM(bytes), 0) FROM messages
+                     WHERE seq BETWEEN ?1 AND ?2 AND state < 2",
+                )?;
+                let mut update = tx.prepare_cached(
                     "UPDATE messages SET state = 2, payload = NULL
-                     WHERE state < 2 AND seq IN (SELECT value FROM json_each(?1))",
-                )?
-                .execute(params![list])?;
+                     WHERE seq BETWEEN ?1 AND ?2 AND state < 2",
+                )?;
+                let mut runs = sorted.chunk_by(|a, b| b - a == 1);
+                for run in runs.by_ref() {
+                    let (first, last) = (run[0], run[run.len() - 1]);
+                    let bytes: i64 = sum.query_row(params![first, last], |row| row.get(0))?;
+                    freed += bytes.max(0) as u64;
+                    update.execute(params![first, last])?;
+                }
                 for seq in &settles {
                     in_flight.remove(seq);
                 }
