@@ -21,9 +21,20 @@
 //! **Off the JS thread.** The connection lives on a dedicated thread; callers send it work
 //! over a channel and await the answer. The thread takes every request waiting in the
 //! channel and commits them in one transaction (group commit), so a burst costs one write,
-//! not one per message. `synchronous = NORMAL` in WAL mode: a commit is in the OS once
-//! `write()` returns, which is what survives `kill -9` (not a power cut: that would take an
-//! `fsync` per commit, which costs more than the messages it protects).
+//! not one per message; a caller that finds the connection idle commits its own request on
+//! its (tokio) thread instead, saving two thread hops on the realtime path. `synchronous =
+//! NORMAL` in WAL mode: a commit is in the OS once `write()` returns, which is what
+//! survives `kill -9` (not a power cut: that would take an `fsync` per commit, which costs
+//! more than the messages it protects). Checkpoints run on the journal thread only.
+//!
+//! **What a message costs.** A batch (a page, a group read, one pushed message) is one
+//! write to record, one small write to mark it started (the `seq`s go into one mark, see
+//! [`Journal::start`]; a message recorded on its way to the handler is recorded started),
+//! and its settles share one write: they wait in a buffer that every transaction drains
+//! first, written at the end of the batch or [`SETTLE_DELAY`] after the first of them,
+//! whichever comes first. What is marked started is written before the handler call; a
+//! settle is not waited for, so a crash in the moment after a handler call settles (at most
+//! [`SETTLE_DELAY`], and the commit) offers that message again, flagged.
 //!
 //! **One runtime per journal.** The file is opened in SQLite's exclusive locking mode, so a
 //! second runtime on the same file, in this process or another, gets a clear
@@ -678,6 +689,12 @@ impl Journal {
         if first {
             self.wake(false);
         }
+    }
+
+    /// [`Journal::settle`] for the last message of a batch, with [`Journal::flush`] to come
+    /// right after: the thread is woken once, by the flush.
+    pub fn settle_before_flush(&self, seq: i64) {
+        lock(&self.settles).push(seq);
     }
 
     /// The end of a handler call's batch: its settles are written now, by the journal

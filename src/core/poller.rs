@@ -1381,10 +1381,14 @@ async fn deliver_batch(
         let keys = keys.clone();
         let journaled = journaled.clone();
         Arc::new(move |id: &str, outcome: Outcome| {
-            if !lock(&unsettled).remove(id) {
-                // Settled twice, or not of this batch: counted once.
-                return;
-            }
+            let last = {
+                let mut unsettled = lock(&unsettled);
+                if !unsettled.remove(id) {
+                    // Settled twice, or not of this batch: counted once.
+                    return;
+                }
+                unsettled.is_empty()
+            };
             match outcome {
                 Outcome::Handled => shared.stats.delivered.fetch_add(1, Ordering::Relaxed),
                 Outcome::Failed(why) => {
@@ -1397,7 +1401,12 @@ async fn deliver_batch(
             if let Some((journal, seqs)) = journaled.as_deref()
                 && let Some(seq) = seqs.get(id)
             {
-                journal.settle(*seq);
+                // The batch's last: its end (and the journal's flush) comes right after.
+                if last {
+                    journal.settle_before_flush(*seq);
+                } else {
+                    journal.settle(*seq);
+                }
             }
             shared.settle(keys.get(id).map_or(id, String::as_str));
             if ack {
