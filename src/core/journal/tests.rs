@@ -490,6 +490,20 @@ async fn handled_rows_are_pruned_to_the_dedup_window() {
     );
     assert!(recovered.unhandled.is_empty());
     assert_eq!(journal.backlog_bytes(), 0);
+    // Pruned in the file, not just left out of what is read back.
+    journal.close();
+    drop(journal);
+    let rows = {
+        let conn = Connection::open(scratch.path()).unwrap();
+        conn.query_row("SELECT COUNT(*) FROM messages", [], |row| {
+            row.get::<_, i64>(0)
+        })
+        .unwrap()
+    };
+    assert!(
+        rows as u64 <= HANDLED_KEPT as u64 + PRUNE_EVERY,
+        "{rows} rows kept"
+    );
 }
 
 #[tokio::test]
