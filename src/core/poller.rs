@@ -626,6 +626,9 @@ impl Shared {
     /// stream's) and one that came with it (peek, listing) are one message: the second to
     /// arrive is remembered as seen and dropped.
     fn fresh(&self, messages: Vec<ConduitMessage>) -> Vec<ConduitMessage> {
+        if messages.is_empty() {
+            return messages;
+        }
         let mut seen = lock(&self.seen);
         let mut queued = lock(&self.queued);
         let mut twins = lock(&self.twins);
@@ -650,6 +653,9 @@ impl Shared {
     /// Counts the page's rows that could not be mapped, each once, and owes an ack for those
     /// with an id. True when one was seen for the first time.
     fn reject(&self, page: &Page) -> bool {
+        if page.malformed == 0 && page.rejected.is_empty() {
+            return false;
+        }
         // A source that only counts its bad rows cannot say which they were: counted each time.
         let unlisted = page.malformed.saturating_sub(page.rejected.len());
         self.stats
@@ -680,6 +686,9 @@ impl Shared {
     /// handled: offered again after their handler settled, or another copy of a message
     /// handled through another path.
     fn ack_again(&self, offered: &[(String, String)]) {
+        if offered.is_empty() {
+            return;
+        }
         let again: Vec<String> = {
             let seen = lock(&self.seen);
             let queued = lock(&self.queued);
@@ -1480,6 +1489,11 @@ async fn deliver_batch(
 /// in the middle of one still returns them; after a failure the next direct poll retries.
 /// True when nothing is left owed.
 async fn flush_acks(shared: &Shared) -> bool {
+    // Nothing owed, so no ack in flight either (its ids stay owed until it is done): the
+    // common case of every idle poll, without the async lock.
+    if lock(&shared.pending_acks).is_empty() {
+        return true;
+    }
     let _one = shared.acking.lock().await;
     let ids = lock(&shared.pending_acks).clone();
     if ids.is_empty() {
