@@ -64,6 +64,11 @@ pub const DIRECT_PAGE: u32 = 50;
 pub const MAX_GROUP_FETCH: u32 = 1000;
 /// Batches queued between polling and delivery before polling waits.
 const DELIVERY_QUEUE: usize = 4;
+/// The default [`PollerConfig::poll_grid`]. Each poller waking on its own instant cost one
+/// tokio wake-up and one JS-thread wake-up per poll: 1,000 pollers at 1 s woke the JS thread
+/// ~1,000 times a second. On a 10 ms grid they wake at most 100 times, each wake-up serving
+/// every poller due in that step.
+pub const POLL_GRID: Duration = Duration::from_millis(10);
 /// Settled-but-unacked ids kept for a retry after a failed ack.
 const MAX_PENDING_ACKS: usize = 10_000;
 /// Listing rows remembered per group conversation. Rows sharing a second are listed in no
@@ -81,6 +86,10 @@ pub struct PollerConfig {
     /// Direct-message polling runs this many times less often while SSE is connected.
     pub realtime_slowdown: u32,
     pub seen_capacity: usize,
+    /// Scheduled polls start on a process-wide grid of this step (see [`on_grid`]), up to one
+    /// step early, so that pollers started at nearby instants wake together; zero for none.
+    /// Only used while it is at most 1 % of the interval.
+    pub poll_grid: Duration,
 }
 
 impl PollerConfig {
@@ -92,6 +101,7 @@ impl PollerConfig {
             group_poll_limit: 15,
             realtime_slowdown: 6,
             seen_capacity: super::dedup::DEFAULT_CAPACITY,
+            poll_grid: POLL_GRID,
         }
     }
 }
@@ -616,6 +626,9 @@ impl Shared {
     /// stream's) and one that came with it (peek, listing) are one message: the second to
     /// arrive is remembered as seen and dropped.
     fn fresh(&self, messages: Vec<ConduitMessage>) -> Vec<ConduitMessage> {
+        if messages.is_empty() {
+            return messages;
+        }
         let mut seen = lock(&self.seen);
         let mut queued = lock(&self.queued);
         let mut twins = lock(&self.twins);
@@ -640,6 +653,9 @@ impl Shared {
     /// Counts the page's rows that could not be mapped, each once, and owes an ack for those
     /// with an id. True when one was seen for the first time.
     fn reject(&self, page: &Page) -> bool {
+        if page.malformed == 0 && page.rejected.is_empty() {
+            return false;
+        }
         // A source that only counts its bad rows cannot say which they were: counted each time.
         let unlisted = page.malformed.saturating_sub(page.rejected.len());
         self.stats
@@ -670,6 +686,9 @@ impl Shared {
     /// handled: offered again after their handler settled, or another copy of a message
     /// handled through another path.
     fn ack_again(&self, offered: &[(String, String)]) {
+        if offered.is_empty() {
+            return;
+        }
         let again: Vec<String> = {
             let seen = lock(&self.seen);
             let queued = lock(&self.queued);
@@ -790,10 +809,21 @@ async fn poll_loop(shared: Arc<Shared>, queue: mpsc::Sender<Batch>, token: Cance
     let base = shared.config.poll_interval;
     let slow = base.saturating_mul(shared.config.realtime_slowdown.max(1));
     // Due times are compared with the ticks' scheduled instants, so both start from the
-    // same instant: the first tick is then due for both tracks on a real clock too.
-    let start = Instant::now();
+    // same instant: the first tick is then due for both tracks on a real clock too. On a
+    // grid, that instant is the grid's, up to one step back: every later tick is then early
+    // by as much, never late, and shared with every poller started in the same step. Skip
+    // keeps a late tick's successors on that phase (Delay would move them off the grid).
+    let grid = shared.config.poll_grid;
+    let grid = (!grid.is_zero() && grid.saturating_mul(100) <= base).then_some(grid);
+    let start = match grid {
+        Some(grid) => on_grid(Instant::now(), grid),
+        None => Instant::now(),
+    };
     let mut ticks = tokio::time::interval_at(start, base);
-    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ticks.set_missed_tick_behavior(match grid {
+        Some(_) => MissedTickBehavior::Skip,
+        None => MissedTickBehavior::Delay,
+    });
     let mut realtime = shared.realtime.subscribe();
     let mut tracks = Tracks {
         direct_limit: DIRECT_PAGE,
@@ -917,6 +947,24 @@ async fn poll_loop(shared: Arc<Shared>, queue: mpsc::Sender<Batch>, token: Cance
             }
         }
     }
+}
+
+/// The latest instant of the process-wide grid of `step` at or before `at`. The grid counts
+/// from one instant fixed for the process (a day before it was first asked for, so that every
+/// instant a poller meets, on a paused test clock too, comes after it).
+pub(crate) fn on_grid(at: Instant, step: Duration) -> Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let epoch = Instant::from_std(*EPOCH.get_or_init(|| {
+        let now = std::time::Instant::now();
+        now.checked_sub(Duration::from_secs(86_400)).unwrap_or(now)
+    }));
+    let step_ns = step.as_nanos();
+    if at <= epoch || step_ns == 0 {
+        return at;
+    }
+    let since = (at - epoch).as_nanos();
+    let back = Duration::from_nanos((since % step_ns) as u64);
+    at - back
 }
 
 /// What one poll cycle came to.
@@ -1452,6 +1500,11 @@ async fn deliver_batch(
 /// in the middle of one still returns them; after a failure the next direct poll retries.
 /// True when nothing is left owed.
 async fn flush_acks(shared: &Shared) -> bool {
+    // Nothing owed, so no ack in flight either (its ids stay owed until it is done): the
+    // common case of every idle poll, without the async lock.
+    if lock(&shared.pending_acks).is_empty() {
+        return true;
+    }
     let _one = shared.acking.lock().await;
     let ids = lock(&shared.pending_acks).clone();
     if ids.is_empty() {

@@ -469,6 +469,8 @@ impl Rig {
         let mut config = PollerConfig::new("alice");
         config.poll_interval = Duration::from_secs(1);
         config.group_conversation_ids = strings(groups);
+        // Schedules are asserted to the millisecond from each rig's own start.
+        config.poll_grid = Duration::ZERO;
         tweak(&mut config);
         let direct = Direct::new();
         let feed = Groups::new();
@@ -553,6 +555,42 @@ async fn start_runs_one_cycle_at_once_then_one_per_interval() {
             .iter()
             .all(|p| p.limit == DIRECT_PAGE && p.since.is_none())
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn pollers_started_within_one_grid_step_share_their_wake_ups_and_are_never_late() {
+    let grid = ms(10);
+    // From a grid instant, so that both starts fall in one step.
+    sleep_until(on_grid(Instant::now(), grid) + grid).await;
+    let a = Rig::with_config(&["g"], |c| c.poll_grid = grid);
+    a.handle();
+    a.poller.start();
+    tokio::time::sleep(ms(3)).await;
+    let b = Rig::with_config(&["g"], |c| c.poll_grid = grid);
+    b.handle();
+    b.poller.start();
+    a.at(3500).await;
+    // Each poller's clock counts from its own start; b's runs 3 ms behind a's.
+    assert_eq!(a.direct.poll_times(), [0, 1000, 2000, 3000]);
+    assert_eq!(
+        b.direct.poll_times(),
+        [0, 997, 1997, 2997],
+        "on a's instants: up to one step early, never late"
+    );
+    assert_eq!(b.groups.request_times("g"), [0, 997, 1997, 2997]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_grid_step_over_one_percent_of_the_interval_is_not_used() {
+    let r = Rig::with_config(&[], |c| {
+        c.poll_grid = ms(10);
+        c.poll_interval = ms(999);
+    });
+    tokio::time::sleep(ms(3)).await;
+    r.handle();
+    r.poller.start();
+    r.at(2100).await;
+    assert_eq!(r.direct.poll_times(), [3, 1002, 2001]);
 }
 
 #[tokio::test(start_paused = true)]
