@@ -11,10 +11,10 @@
 //! server's SSE frame carries no `groupId`. [`CopyTwins`] pairs such a stream copy with its
 //! listing row by what the copies share (conversation, sender, second, content).
 
-use std::collections::hash_map::DefaultHasher;
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use std::hash::{BuildHasher, Hash};
+use std::sync::{Arc, OnceLock};
 
 use super::clock;
 use super::message::ConduitMessage;
@@ -80,7 +80,9 @@ impl Default for SeenWindow {
 /// second (stored times are whole seconds) and its content, hashed together. A hash, not the
 /// fields: every direct message with a conversation is remembered here (10,000 of them), and
 /// two copies of its sender and conversation each were ~3 MiB of small allocations in a
-/// burst. Two different messages hashing alike (1 in 2^64 per pair) would pair up.
+/// burst. Two different messages hashing alike (1 in 2^64 per pair) would pair up. The hash
+/// is keyed once per process at random, so nobody outside can look for content that hashes
+/// like another sender's message to have it dropped as a copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Fingerprint(u64);
 
@@ -89,15 +91,14 @@ impl Fingerprint {
     pub fn of(message: &ConduitMessage) -> Option<Self> {
         let conversation = message.thread_id.as_deref()?;
         let second = clock::parse_iso_ms(&message.timestamp)?.div_euclid(1000);
-        let mut hasher = DefaultHasher::new();
-        (
+        static KEY: OnceLock<RandomState> = OnceLock::new();
+        let fields = (
             conversation,
             message.from.as_str(),
             second,
             message.content.as_str(),
-        )
-            .hash(&mut hasher);
-        Some(Self(hasher.finish()))
+        );
+        Some(Self(KEY.get_or_init(RandomState::new).hash_one(fields)))
     }
 }
 
@@ -209,6 +210,17 @@ mod tests {
         let mut no_thread = row.clone();
         no_thread.thread_id = None;
         assert_eq!(Fingerprint::of(&no_thread), None);
+    }
+
+    #[test]
+    fn a_fingerprint_cannot_be_computed_outside_the_process() {
+        // Keyed per process: a sender cannot search offline for content whose fingerprint
+        // matches another message's and so have that message taken for a copy and dropped.
+        let m = post("m", None, "bob", "ok", "2026-04-07T12:00:00Z");
+        use std::hash::Hasher;
+        let mut unkeyed = std::collections::hash_map::DefaultHasher::new();
+        ("ops", "bob", 1_775_563_200_i64, "ok").hash(&mut unkeyed);
+        assert_ne!(Fingerprint::of(&m).unwrap().0, unkeyed.finish());
     }
 
     #[test]
