@@ -13,8 +13,8 @@
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::{BuildHasher, Hash};
-use std::sync::{Arc, OnceLock};
+use std::hash::BuildHasher;
+use std::sync::OnceLock;
 
 use super::clock;
 use super::message::ConduitMessage;
@@ -22,32 +22,36 @@ use super::message::ConduitMessage;
 /// Default number of ids remembered.
 pub const DEFAULT_CAPACITY: usize = 10_000;
 
-/// Each id is stored once, shared by the set and the order. Nothing is reserved up front:
-/// a poller that sees few messages (most of 1,000 idle ones) holds few bytes, where reserving
-/// the full window cost ~640 KiB of address space and a page-faulting memset per poller.
+/// Ids are kept as 128-bit hashes, keyed once per process at random ([`IdHash`]): 32 bytes
+/// an id in the set and the order together, with no allocation of its own (a 36-character
+/// UUID kept as a string cost ~100 bytes and a `malloc`/`free` each). Two ids hash alike
+/// with a chance of about 2^-128 per pair, far below the chance of two UUIDs being equal,
+/// and nobody outside the process can compute a hash to aim for. Nothing is reserved up
+/// front: a poller that sees few messages (most of 1,000 idle ones) holds few bytes.
 #[derive(Clone, Debug)]
 pub struct SeenWindow {
-    ids: HashSet<Arc<str>>,
-    order: VecDeque<Arc<str>>,
+    ids: HashSet<u128, IdHash>,
+    order: VecDeque<u128>,
     capacity: usize,
 }
 
 impl SeenWindow {
     pub fn new(capacity: usize) -> Self {
         Self {
-            ids: HashSet::new(),
+            ids: HashSet::with_hasher(IdHash),
             order: VecDeque::new(),
             capacity: capacity.max(1),
         }
     }
 
     pub fn contains(&self, id: &str) -> bool {
-        self.ids.contains(id)
+        self.ids.contains(&id_hash(id))
     }
 
     /// Records `id`; returns false when it was already there (a duplicate).
     pub fn insert(&mut self, id: &str) -> bool {
-        if self.ids.contains(id) {
+        let id = id_hash(id);
+        if self.ids.contains(&id) {
             return false;
         }
         if self.order.len() == self.capacity
@@ -55,8 +59,7 @@ impl SeenWindow {
         {
             self.ids.remove(&oldest);
         }
-        let id: Arc<str> = Arc::from(id);
-        self.ids.insert(id.clone());
+        self.ids.insert(id);
         self.order.push_back(id);
         true
     }
@@ -65,8 +68,60 @@ impl SeenWindow {
         self.order.len()
     }
 
+    /// Bytes this window holds on the heap, as allocated.
+    #[cfg(test)]
+    fn heap_bytes(&self) -> usize {
+        let slot = std::mem::size_of::<u128>();
+        self.ids.capacity() * (slot + 1) + self.order.capacity() * slot
+    }
+
     pub fn is_empty(&self) -> bool {
         self.order.is_empty()
+    }
+}
+
+/// The process's two random keys for [`id_hash`].
+fn id_keys() -> &'static [RandomState; 2] {
+    static KEYS: OnceLock<[RandomState; 2]> = OnceLock::new();
+    KEYS.get_or_init(|| [RandomState::new(), RandomState::new()])
+}
+
+/// An id as 128 bits: two SipHashes of it under independent random keys.
+fn id_hash(id: &str) -> u128 {
+    let [high, low] = id_keys();
+    (u128::from(high.hash_one(id)) << 64) | u128::from(low.hash_one(id))
+}
+
+/// Hashes a [`SeenWindow`] entry, already a keyed hash, by its low 64 bits: hashing it again
+/// would only cost time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IdHash;
+
+impl BuildHasher for IdHash {
+    type Hasher = IdHasher;
+
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher(0)
+    }
+}
+
+#[derive(Debug)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u128s are hashed here; any other input still gets a usable (if slow) hash.
+        for byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*byte);
+        }
+    }
+
+    fn write_u128(&mut self, value: u128) {
+        self.0 = value as u64;
     }
 }
 
@@ -217,7 +272,7 @@ mod tests {
         // Keyed per process: a sender cannot search offline for content whose fingerprint
         // matches another message's and so have that message taken for a copy and dropped.
         let m = post("m", None, "bob", "ok", "2026-04-07T12:00:00Z");
-        use std::hash::Hasher;
+        use std::hash::{Hash, Hasher};
         let mut unkeyed = std::collections::hash_map::DefaultHasher::new();
         ("ops", "bob", 1_775_563_200_i64, "ok").hash(&mut unkeyed);
         assert_ne!(Fingerprint::of(&m).unwrap().0, unkeyed.finish());
@@ -261,6 +316,15 @@ mod tests {
         // A forgotten id counts as new again: the bound is a trade of memory for that risk.
         assert!(w.insert("a"));
         assert!(!w.contains("b"));
+    }
+
+    #[test]
+    fn a_full_window_of_uuids_holds_under_600_kib() {
+        let mut w = SeenWindow::new(DEFAULT_CAPACITY);
+        for i in 0..DEFAULT_CAPACITY {
+            w.insert(&format!("5f0c1f8e-7a55-4b7e-9d55-{i:012}"));
+        }
+        assert!(w.heap_bytes() < 600 * 1024, "{} bytes", w.heap_bytes());
     }
 
     #[test]
