@@ -54,6 +54,11 @@ fn incoming(id: &str, source: Source) -> Incoming {
     }
 }
 
+/// Records `items` (not started, no group update) and returns their seqs, all pending.
+async fn record_pending(journal: &Journal, items: Vec<Incoming>) -> Vec<i64> {
+    seqs(&journal.record(items, Vec::new(), false).await.unwrap())
+}
+
 fn seqs(recorded: &[Recorded]) -> Vec<i64> {
     recorded
         .iter()
@@ -326,32 +331,18 @@ async fn group_positions_survive_and_keep_the_newest_rows() {
 async fn unhandled_after_reads_the_stream_backlog_and_what_the_file_held() {
     let scratch = Scratch::new();
     let journal = scratch.open();
-    let old = seqs(
-        &journal
-            .record(
-                vec![incoming("old-direct", Source::Direct)],
-                Vec::new(),
-                false,
-            )
-            .await
-            .unwrap(),
-    );
+    let old = record_pending(&journal, vec![incoming("old-direct", Source::Direct)]).await;
     let boot_max = old[0];
-    let new = seqs(
-        &journal
-            .record(
-                vec![
-                    incoming("new-direct", Source::Direct),
-                    incoming("s1", Source::Stream),
-                    incoming("g1", Source::Group),
-                    incoming("s2", Source::Stream),
-                ],
-                Vec::new(),
-                false,
-            )
-            .await
-            .unwrap(),
-    );
+    let new = record_pending(
+        &journal,
+        vec![
+            incoming("new-direct", Source::Direct),
+            incoming("s1", Source::Stream),
+            incoming("g1", Source::Group),
+            incoming("s2", Source::Stream),
+        ],
+    )
+    .await;
     journal.settle(new[1]);
     let cases: Vec<(i64, usize, Vec<&str>)> = vec![
         (0, 10, vec!["old-direct", "s2"]),
@@ -436,12 +427,7 @@ async fn the_backlog_cap_makes_writers_wait_and_never_drops() {
     let mut config = JournalConfig::new(scratch.path(), "bob");
     config.cap_bytes = 1;
     let journal = Journal::open(config).unwrap();
-    let s = seqs(
-        &journal
-            .record(vec![incoming("m1", Source::Stream)], Vec::new(), false)
-            .await
-            .unwrap(),
-    );
+    let s = record_pending(&journal, vec![incoming("m1", Source::Stream)]).await;
     assert!(journal.backlog_bytes() > 1);
     let waiting = tokio::time::timeout(Duration::from_millis(100), journal.wait_for_room()).await;
     assert!(waiting.is_err(), "over the cap: the writer waits");
@@ -478,7 +464,7 @@ async fn handled_rows_are_pruned_to_the_dedup_window() {
     let items: Vec<Incoming> = (0..total)
         .map(|i| incoming(&format!("m{i}"), Source::Stream))
         .collect();
-    let s = seqs(&journal.record(items, Vec::new(), false).await.unwrap());
+    let s = record_pending(&journal, items).await;
     for seq in &s {
         journal.settle(*seq);
     }
@@ -521,7 +507,7 @@ async fn a_page_is_recorded_started_and_settled_in_a_write_each() {
     let items: Vec<Incoming> = (0..50)
         .map(|i| incoming(&format!("m{i}"), Source::Direct))
         .collect();
-    let s = seqs(&journal.record(items, Vec::new(), false).await.unwrap());
+    let s = record_pending(&journal, items).await;
     assert_eq!(cost(before), (1, 50), "recording the page");
     let before = journal.stats();
     journal.start(s.clone()).await.unwrap();
@@ -548,12 +534,7 @@ async fn settles_are_written_without_being_asked_for() {
     // No batch end and no later write: a settle still reaches the file on its own, soon.
     let scratch = Scratch::new();
     let journal = scratch.open();
-    let s = seqs(
-        &journal
-            .record(vec![incoming("m1", Source::Stream)], Vec::new(), false)
-            .await
-            .unwrap(),
-    );
+    let s = record_pending(&journal, vec![incoming("m1", Source::Stream)]).await;
     journal.start(s.clone()).await.unwrap();
     let before = journal.stats();
     journal.settle(s[0]);
@@ -577,19 +558,14 @@ async fn taking_back_a_start_keeps_the_flag_of_one_started_before() {
     let scratch = Scratch::new();
     let s = {
         let journal = scratch.open();
-        let s = seqs(
-            &journal
-                .record(
-                    vec![
-                        incoming("m1", Source::Stream),
-                        incoming("m2", Source::Stream),
-                    ],
-                    Vec::new(),
-                    false,
-                )
-                .await
-                .unwrap(),
-        );
+        let s = record_pending(
+            &journal,
+            vec![
+                incoming("m1", Source::Stream),
+                incoming("m2", Source::Stream),
+            ],
+        )
+        .await;
         journal.start(vec![s[0]]).await.unwrap();
         journal.close();
         s
