@@ -168,20 +168,16 @@ fn file_stem_keeps_an_id_one_file_name() {
 async fn unhandled_messages_come_back_in_order_with_the_started_ones_flagged() {
     let scratch = Scratch::new();
     let journal = scratch.open();
-    let recorded = journal
-        .record(
-            vec![
-                incoming("m1", Source::Stream),
-                incoming("m2", Source::Direct),
-                incoming("m3", Source::Stream),
-                incoming("m4", Source::Group),
-            ],
-            Vec::new(),
-            false,
-        )
-        .await
-        .unwrap();
-    let s = seqs(&recorded);
+    let s = record_pending(
+        &journal,
+        vec![
+            incoming("m1", Source::Stream),
+            incoming("m2", Source::Direct),
+            incoming("m3", Source::Stream),
+            incoming("m4", Source::Group),
+        ],
+    )
+    .await;
     assert!(s.windows(2).all(|w| w[0] < w[1]), "seqs ascend: {s:?}");
     journal.start(vec![s[0], s[1]]).await.unwrap();
     journal.settle(s[0]);
@@ -224,21 +220,17 @@ async fn unhandled_messages_come_back_in_order_with_the_started_ones_flagged() {
 async fn recording_again_tells_handled_from_pending() {
     let scratch = Scratch::new();
     let journal = scratch.open();
-    let first = journal
-        .record(
-            vec![
-                Incoming {
-                    source: Source::Direct,
-                    message: message("copy-1", Some("g1")),
-                },
-                incoming("m2", Source::Stream),
-            ],
-            Vec::new(),
-            false,
-        )
-        .await
-        .unwrap();
-    let s = seqs(&first);
+    let s = record_pending(
+        &journal,
+        vec![
+            Incoming {
+                source: Source::Direct,
+                message: message("copy-1", Some("g1")),
+            },
+            incoming("m2", Source::Stream),
+        ],
+    )
+    .await;
     journal.settle(s[0]);
     // Another fan-out copy of g1 (another id, same groupId), m2 again, and a new one.
     let again = journal
